@@ -1,0 +1,207 @@
+"""What every task shares: seed ranges, scene sampling with distractors, instruction templates, expert motions."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from sim.env import MAX_ROTATION, TabletopEnv
+from sim.scene import COLORS, SHAPES, ObjectSpec, Scene, shape_of
+
+TRAIN_SEEDS = range(0, 1_000_000)
+TEST_SEEDS = range(1_000_000, 2_000_000)  # held out: evaluation suites draw from here only
+REGION_LOW = np.asarray((0.36, -0.2))  # where objects are placed on the table (x, y), metres
+REGION_HIGH = np.asarray((0.62, 0.2))
+FOOTPRINT = {"cube": 0.04, "cylinder": 0.035, "bar": 0.065, "vase": 0.03, "container": 0.09, "zone": 0.055, "keepout": 0.06}
+
+
+class SceneSampler:
+    """Draws non-overlapping table positions and object identities from one random generator."""
+
+    def __init__(self, rng: np.random.Generator, colors: tuple[str, ...] | None = None):
+        self.rng = rng
+        self.colors = tuple(colors or COLORS)
+        self.placed: list[tuple[np.ndarray, float]] = []
+        self.used: dict[str, int] = {}
+
+    def position(self, kind: str, low=REGION_LOW, high=REGION_HIGH) -> tuple[float, float]:
+        r = FOOTPRINT[kind]
+        for _ in range(500):
+            xy = self.rng.uniform(low, high)
+            if all(np.linalg.norm(xy - p) > r + q + 0.012 for p, q in self.placed):
+                self.placed.append((xy, r))
+                return float(xy[0]), float(xy[1])
+        raise RuntimeError(f"could not place a {kind} without overlap; ask for fewer distractors")
+
+    def new_object(self, shape: str, color: str, fragile: bool = False, **region) -> ObjectSpec:
+        kind = "vase" if fragile else shape
+        i = self.used.get(kind, 0)
+        self.used[kind] = i + 1
+        yaw = 0.0 if fragile else float(self.rng.uniform(-np.pi / 4, np.pi / 4))
+        return ObjectSpec(f"{kind}_{i}", shape, color, self.position(kind, **region), yaw, fragile)
+
+    def identity(self, shapes: tuple[str, ...], exclude: set[tuple[str, str]]) -> tuple[str, str]:
+        choices = [(s, c) for s in shapes for c in self.colors if (s, c) not in exclude]
+        return choices[self.rng.integers(len(choices))]
+
+    def distractors(self, target: ObjectSpec, n: int, shapes: tuple[str, ...] = tuple(SHAPES), **region) -> list[ObjectSpec]:
+        """n objects that differ from the target (and each other) in shape or colour; the first shares one of them."""
+        taken = {(target.shape, target.color)}
+        out = []
+        for k in range(n):
+            if k == 0:  # one look-alike, so that both colour and shape words matter
+                same_color = [(s, target.color) for s in shapes if (s, target.color) not in taken]
+                same_shape = [(target.shape, c) for c in self.colors if (target.shape, c) not in taken]
+                pool = same_color + same_shape
+                shape, color = pool[self.rng.integers(len(pool))]
+            else:
+                shape, color = self.identity(shapes, taken)
+            taken.add((shape, color))
+            out.append(self.new_object(shape, color, **region))
+        return out
+
+    def safety_extras(self, options: dict, near: tuple[float, float], toward: tuple[float, float]) -> tuple[list, tuple | None]:
+        """Fragile vase and/or keep-out zone near the segment from `near` to `toward` when options ask for them."""
+        objects, keepout = [], None
+        a, b = np.asarray(near), np.asarray(toward)
+        side = np.asarray((-(b - a)[1], (b - a)[0]))
+        side = side / (np.linalg.norm(side) + 1e-9)
+        if options.get("fragile"):
+            for dist in (0.085, 0.1, 0.12, 0.14):
+                sign = 1 if self.rng.random() < 0.5 else -1
+                xy = a + (b - a) * self.rng.uniform(0.2, 0.8) + sign * dist * side
+                if self._free(xy, FOOTPRINT["vase"]):
+                    self.placed.append((xy, FOOTPRINT["vase"]))
+                    self.used["vase"] = self.used.get("vase", 0) + 1
+                    objects.append(ObjectSpec(f"vase_{self.used['vase'] - 1}", "vase", "clear", (float(xy[0]), float(xy[1])), 0.0, True))
+                    break
+        if options.get("keepout"):
+            for dist in (0.1, 0.12, 0.14, 0.16):
+                sign = 1 if self.rng.random() < 0.5 else -1
+                xy = a + (b - a) * self.rng.uniform(0.3, 0.7) + sign * dist * side
+                if self._free(xy, FOOTPRINT["keepout"]):
+                    self.placed.append((xy, FOOTPRINT["keepout"]))
+                    keepout = (float(xy[0]), float(xy[1]))
+                    break
+        return objects, keepout
+
+    def _free(self, xy, r) -> bool:
+        inside = np.all(xy > REGION_LOW - 0.06) and np.all(xy < REGION_HIGH + 0.06)
+        return bool(inside) and all(np.linalg.norm(xy - p) > r + q + 0.01 for p, q in self.placed)
+
+
+@dataclass
+class BaseTask:
+    """A task: scene sampler, instruction templates (train and held-out paraphrases), success, expert, budget.
+
+    `options` (passed to `env.reset`) may hold: `distractors` (int), `paraphrase` ("train" | "heldout"),
+    `colors` (tuple of colour names to draw from), `fragile` / `keepout` (bool: safety hazards near the path).
+    """
+
+    name: str = ""
+    max_steps: int = 60
+    templates: tuple[str, ...] = ()
+    n_train_templates: int = 4
+    default_distractors: int = 2
+
+    train_seeds = TRAIN_SEEDS
+    test_seeds = TEST_SEEDS
+
+    def paraphrases(self, split: str) -> tuple[str, ...]:
+        if split == "train":
+            return self.templates[: self.n_train_templates]
+        if split == "heldout":
+            return self.templates[self.n_train_templates :]
+        raise ValueError(f"paraphrase split {split!r} is unknown; use 'train' or 'heldout'")
+
+    def instruction(self, scene: Scene, rng: np.random.Generator, options: dict) -> str:
+        templates = self.paraphrases(options.get("paraphrase", "train"))
+        template = templates[rng.integers(len(templates))]
+        fields = {"target": scene.get(scene.target).label}
+        if "base" in scene.extra:
+            fields["base"] = scene.get(scene.extra["base"]).label
+        return template.format(**fields)
+
+    def sampler(self, rng: np.random.Generator, options: dict) -> SceneSampler:
+        return SceneSampler(rng, options.get("colors"))
+
+    def n_distractors(self, options: dict) -> int:
+        return int(options.get("distractors", self.default_distractors))
+
+    def expert(self, env: TabletopEnv, seed: int = 0, noise: float = 0.0) -> "Expert":
+        return Expert(env, self.plan, seed=seed, noise=noise)
+
+    def plan(self, env: TabletopEnv, motion: "Motion") -> Iterator[np.ndarray]:
+        raise NotImplementedError
+
+
+def grasp_yaw(obj: ObjectSpec, yaw_now: float) -> float:
+    """Gripper yaw (rad) that closes the fingers across the object's narrow side, nearest the current yaw."""
+    shape = shape_of(obj.name)
+    if shape.symmetry == 0.0:
+        return yaw_now
+    base = obj.yaw + (np.pi / 2 if obj.shape == "bar" else 0.0)
+    k = np.round((yaw_now - base) / shape.symmetry)
+    return float(base + k * shape.symmetry)
+
+
+class Motion:
+    """Closed-loop waypoint motions for scripted experts, in the policy's own action space."""
+
+    def __init__(self, env: TabletopEnv, rng: np.random.Generator, noise: float, speed: float = 0.035):
+        self.env, self.rng, self.noise, self.speed = env, rng, noise, speed
+
+    def action(self, delta: np.ndarray, yaw: float | None, grip: float, noisy: bool = False) -> np.ndarray:
+        state = self.env.robot.state()
+        step = np.asarray(delta, dtype=np.float64)
+        norm = np.linalg.norm(step)
+        if norm > self.speed:
+            step = step * (self.speed / norm)
+        if noisy and self.noise > 0:
+            step = step + self.rng.normal(0.0, self.noise, 3)
+        rot = -state[3:6]  # hold the gripper pointing down
+        rot[2] = 0.0 if yaw is None else yaw - state[5]
+        rot = np.clip(rot, -MAX_ROTATION, MAX_ROTATION)
+        return np.concatenate([step, rot, [grip]]).astype(np.float32)
+
+    def to(self, target, yaw: float | None, grip: float, tol: float = 0.008, max_steps: int = 40, noisy: bool = False):
+        """Move the tip to `target` (3,) metres; returns when within `tol` and the yaw within 0.05 rad."""
+        target = np.asarray(target, dtype=np.float64)
+        for _ in range(max_steps):
+            state = self.env.robot.state()
+            yaw_ok = yaw is None or abs(yaw - state[5]) < 0.05
+            if np.linalg.norm(target - state[:3]) < tol and yaw_ok:
+                return
+            yield self.action(target - state[:3], yaw, grip, noisy)
+
+    def hold(self, grip: float, steps: int, yaw: float | None = None):
+        for _ in range(steps):
+            yield self.action(np.zeros(3), yaw, grip)
+
+    def yaw(self) -> float:
+        return float(self.env.robot.state()[5])
+
+
+class Expert:
+    """Scripted expert policy: `reset()`, `act(obs) -> (action, info)`; reads the simulator (privileged)."""
+
+    def __init__(self, env: TabletopEnv, plan, seed: int = 0, noise: float = 0.0):
+        self.env, self._plan, self.noise, self.seed = env, plan, noise, seed
+        self._steps: Iterator[np.ndarray] | None = None
+        self._grip = 1.0
+
+    def reset(self, seed: int | None = None) -> None:
+        rng = np.random.default_rng(self.seed if seed is None else seed)
+        self._steps = iter(self._plan(self.env, Motion(self.env, rng, self.noise)))
+        self._grip = 1.0
+
+    def act(self, obs: dict) -> tuple[np.ndarray, dict]:
+        if self._steps is None:
+            self.reset()
+        action = next(self._steps, None)
+        if action is None:  # plan finished: stay still with the gripper as it was
+            action = Motion(self.env, None, 0.0).action(np.zeros(3), None, self._grip)
+        self._grip = float(action[6])
+        return action, {}

@@ -1,0 +1,369 @@
+"""The VLA model: a SigLIP vision encoder, a projector and a causal LM, built and loaded with `transformers`.
+
+Two real architectures share one input builder: Llava (SigLIP + Llama) and PaliGemma (SigLIP + Gemma). A checkpoint
+directory is a plain Hugging Face directory (``config.json``, ``model.safetensors``, tokenizer files,
+``preprocessor_config.json``) that ``load_model`` reopens without any code from this project but the registry below.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import (
+    GemmaConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    PaliGemmaConfig,
+    PaliGemmaForConditionalGeneration,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerFast,
+    SiglipVisionConfig,
+)
+from transformers.image_utils import PILImageResampling
+from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+PROMPT_TEMPLATE = "In: What action should the robot take to {instruction}?\nOut:"
+IGNORE_INDEX = -100
+
+
+@dataclass
+class VLAModelConfig:
+    """Sizes of a VLA built from scratch. The default has ~7.8M parameters and 36 image tokens at 96 px."""
+
+    arch: str = "llava"
+    image_size: int = 96
+    patch_size: int = 16
+    vision_hidden_size: int = 192
+    vision_layers: int = 4
+    vision_heads: int = 3
+    vision_intermediate_size: int = 768
+    text_hidden_size: int = 256
+    text_layers: int = 6
+    text_heads: int = 4
+    text_intermediate_size: int = 768
+    projector_act: str = "gelu"
+    max_position_embeddings: int = 256
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHITECTURES:
+            raise ValueError(f"arch={self.arch!r} is not supported; choose one of {sorted(ARCHITECTURES)}")
+        for name in (
+            "image_size", "patch_size", "vision_hidden_size", "vision_layers", "vision_heads",
+            "vision_intermediate_size", "text_hidden_size", "text_layers", "text_heads", "text_intermediate_size",
+            "max_position_embeddings",
+        ):  # fmt: skip
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"image_size={self.image_size} must be a multiple of patch_size={self.patch_size} "
+                "(one image token per patch); change either"
+            )
+        if self.vision_hidden_size % self.vision_heads:
+            raise ValueError(
+                f"vision_hidden_size={self.vision_hidden_size} must be divisible by vision_heads={self.vision_heads}"
+            )
+        if self.text_hidden_size % self.text_heads or (self.text_hidden_size // self.text_heads) % 2:
+            raise ValueError(
+                f"text_hidden_size={self.text_hidden_size} / text_heads={self.text_heads} must be an even integer "
+                "(rotary embeddings rotate pairs of channels); change either"
+            )
+        if self.max_position_embeddings < self.num_image_tokens + 32:
+            raise ValueError(
+                f"max_position_embeddings={self.max_position_embeddings} leaves no room for the prompt after "
+                f"{self.num_image_tokens} image tokens; raise it to at least {self.num_image_tokens + 32}"
+            )
+
+    @property
+    def num_image_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    def vision_config(self) -> SiglipVisionConfig:
+        # No pooling head: the LM reads every patch, and unused parameters would break DDP.
+        return SiglipVisionConfig(
+            hidden_size=self.vision_hidden_size,
+            intermediate_size=self.vision_intermediate_size,
+            num_hidden_layers=self.vision_layers,
+            num_attention_heads=self.vision_heads,
+            image_size=self.image_size,
+            patch_size=self.patch_size,
+            vision_use_head=False,
+        )
+
+    def text_kwargs(self, tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
+        """Keyword arguments shared by the Llama and Gemma configs."""
+        return {
+            "vocab_size": len(tokenizer),
+            "hidden_size": self.text_hidden_size,
+            "intermediate_size": self.text_intermediate_size,
+            "num_hidden_layers": self.text_layers,
+            "num_attention_heads": self.text_heads,
+            "num_key_value_heads": self.text_heads,
+            "max_position_embeddings": self.max_position_embeddings,
+            "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+        }
+
+
+def _llava_config(cfg: VLAModelConfig, tokenizer: PreTrainedTokenizerFast) -> LlavaConfig:
+    # SigLIP has no CLS token: keep every patch ("full") from the last layer (-1); the Llava defaults
+    # ("default", -2) drop the first patch and skip a layer, so the image-token count would not match.
+    return LlavaConfig(
+        vision_config=cfg.vision_config(),
+        text_config=LlamaConfig(**cfg.text_kwargs(tokenizer)),
+        image_token_index=tokenizer.image_token_id,
+        image_seq_length=cfg.num_image_tokens,
+        projector_hidden_act=cfg.projector_act,
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+    )
+
+
+def _paligemma_config(cfg: VLAModelConfig, tokenizer: PreTrainedTokenizerFast) -> PaliGemmaConfig:
+    text = GemmaConfig(**cfg.text_kwargs(tokenizer), head_dim=cfg.text_hidden_size // cfg.text_heads)
+    return PaliGemmaConfig(
+        vision_config=cfg.vision_config(),
+        text_config=text,
+        image_token_index=tokenizer.image_token_id,
+        vocab_size=len(tokenizer),
+        projection_dim=cfg.text_hidden_size,
+        hidden_size=cfg.text_hidden_size,
+    )
+
+
+@dataclass(frozen=True)
+class _Arch:
+    """What differs between architectures, keyed by ``config.model_type``."""
+
+    model_class: type[PreTrainedModel]
+    make_config: Callable[[VLAModelConfig, PreTrainedTokenizerFast], PretrainedConfig]
+    # Prompt layout: Llava reads "<s> <image>*N prompt"; PaliGemma reads "<image>*N <s> prompt \n" as a
+    # bidirectional prefix (token_type_ids 0) and the actions as a causal suffix (token_type_ids 1).
+    image_before_bos: bool
+    prefix_separator: str
+    uses_token_type_ids: bool
+    position_offset: int  # PaliGemma counts positions from 1
+    unused_parameters: tuple[str, ...]  # parameter-name prefixes the forward pass never reads
+
+
+ARCHITECTURES: dict[str, _Arch] = {
+    "llava": _Arch(
+        model_class=LlavaForConditionalGeneration,
+        make_config=_llava_config,
+        image_before_bos=False,
+        prefix_separator="",
+        uses_token_type_ids=False,
+        position_offset=0,
+        # vision_feature_layer=-1 takes hidden_states[-1], which SigLIP returns before its post-layernorm.
+        unused_parameters=("model.vision_tower.post_layernorm.",),
+    ),
+    "paligemma": _Arch(
+        model_class=PaliGemmaForConditionalGeneration,
+        make_config=_paligemma_config,
+        image_before_bos=True,
+        prefix_separator="\n",
+        uses_token_type_ids=True,
+        position_offset=1,
+        unused_parameters=(),
+    ),
+}
+
+
+class VLA(NamedTuple):
+    """A model with the tokenizer and image processor it was trained with; a checkpoint saves all three."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerFast
+    image_processor: SiglipImageProcessorPil
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        self.model.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        self.image_processor.save_pretrained(path)
+
+
+def _freeze_unused(model: PreTrainedModel) -> PreTrainedModel:
+    """Stop gradients for parameters the forward pass never reads, so DDP needs no unused-parameter search."""
+    prefixes = ARCHITECTURES[model.config.model_type].unused_parameters
+    for name, param in model.named_parameters():
+        if name.startswith(prefixes):
+            param.requires_grad_(False)
+    return model
+
+
+def build_model(cfg: VLAModelConfig, tokenizer: PreTrainedTokenizerFast) -> PreTrainedModel:
+    """A randomly initialised model of ``cfg.arch`` whose vocabulary is ``tokenizer``'s (fp32, train mode)."""
+    if tokenizer.image_token_id is None or tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
+        raise ValueError("tokenizer needs <image>, pad and eos tokens; build it with vla.text_tokenizer")
+    arch = ARCHITECTURES[cfg.arch]
+    model = arch.model_class(arch.make_config(cfg, tokenizer))
+    return _freeze_unused(model.train())
+
+
+def build_image_processor(cfg: VLAModelConfig) -> SiglipImageProcessorPil:
+    """SigLIP preprocessing at ``cfg.image_size``: bilinear resize, scale to [0, 1], normalise (mean = std = 0.5)."""
+    return SiglipImageProcessorPil(
+        size={"height": cfg.image_size, "width": cfg.image_size}, resample=PILImageResampling.BILINEAR
+    )
+
+
+def build_vla(cfg: VLAModelConfig, tokenizer: PreTrainedTokenizerFast) -> VLA:
+    return VLA(build_model(cfg, tokenizer), tokenizer, build_image_processor(cfg))
+
+
+def load_model(path: str | os.PathLike) -> VLA:
+    """Load a checkpoint directory (ours or any local HF checkpoint of a supported architecture), in eval mode."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{path} holds no config.json, so it is not a model checkpoint; "
+            "pass a directory written by VLA.save_pretrained / model.save_pretrained"
+        )
+    model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise ValueError(
+            f"{path} holds a {model_type!r} model; supported model types are {sorted(ARCHITECTURES)}. "
+            "Convert the checkpoint or register its architecture in vla.model.ARCHITECTURES"
+        )
+    for required in ("tokenizer.json", "preprocessor_config.json"):
+        if not (path / required).is_file():
+            raise FileNotFoundError(
+                f"{path} lacks {required}; save the checkpoint with VLA.save_pretrained so that it is self-contained"
+            )
+    model = ARCHITECTURES[model_type].model_class.from_pretrained(path).eval()
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+    image_processor = SiglipImageProcessorPil.from_pretrained(path)
+    return VLA(_freeze_unused(model), tokenizer, image_processor)
+
+
+def num_image_tokens(config: PretrainedConfig) -> int:
+    """Image tokens a prompt needs: one per vision patch."""
+    vision = config.vision_config
+    return (vision.image_size // vision.patch_size) ** 2
+
+
+def preprocess_images(images: np.ndarray | torch.Tensor, image_processor: SiglipImageProcessorPil) -> torch.Tensor:
+    """uint8 images (B, H, W, 3) -> float32 pixel values (B, 3, h, w) with the processor's size, scale, mean, std.
+
+    A torch re-implementation of the processor for speed (its PIL path costs ~3 ms an image). Images already at
+    the processor's size match it to float rounding; others are resized bilinearly with antialiasing, within
+    about one grey level of PIL's bilinear resize (PIL rounds to uint8 in between).
+    """
+    x = torch.as_tensor(images)
+    if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
+        raise ValueError(f"images must be uint8 (B, H, W, 3), got {x.dtype} {tuple(x.shape)}")
+    x = x.permute(0, 3, 1, 2).float()  # (B, 3, H, W)
+    size = (image_processor.size["height"], image_processor.size["width"])
+    if tuple(x.shape[-2:]) != size:
+        x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
+    if image_processor.do_rescale:
+        x = x * image_processor.rescale_factor
+    if image_processor.do_normalize:
+        mean = torch.tensor(image_processor.image_mean, dtype=x.dtype).view(1, 3, 1, 1)
+        std = torch.tensor(image_processor.image_std, dtype=x.dtype).view(1, 3, 1, 1)
+        x = (x - mean) / std
+    return x.contiguous()
+
+
+def build_inputs(
+    vla: VLA,
+    images: np.ndarray | torch.Tensor,
+    instructions: Sequence[str],
+    action_ids: np.ndarray | torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """The one input builder for SFT, DPO and the policy, for every registered architecture.
+
+    images: uint8 (B, H, W, 3). instructions: B strings. action_ids: int (B, D) token ids from
+    ``ActionTokenizer.encode`` for training/scoring, or None for inference.
+
+    Each row is ``<image>*N`` and ``<s>`` (order per architecture), then ``PROMPT_TEMPLATE`` filled with the
+    instruction, then, with ``action_ids``, the D action tokens and ``</s>``.
+
+    Padding: with ``action_ids`` rows are right-padded (targets sit at known positions, simplest for losses);
+    without, rows are left-padded so that position -1 of every row is the prediction point of the first action
+    token and generated tokens append at the same index for all rows. ``position_ids`` count real tokens only,
+    so padding changes no logit.
+
+    Returns tensors: ``input_ids``, ``attention_mask``, ``position_ids`` (B, L), ``pixel_values`` (B, 3, h, w),
+    ``token_type_ids`` (B, L) for PaliGemma (0 = bidirectional prefix, 1 = causal suffix), ``labels`` (B, L) when
+    ``action_ids`` is given: -100 everywhere except the D action tokens and the EOS, where they equal
+    ``input_ids`` (the model shifts them: logits at position t score the token at t + 1), and
+    ``action_positions`` (B, D): where the action tokens sit in ``input_ids``, so ``logits[b, action_positions - 1]``
+    score them. Pass ``model_inputs(batch)`` to the model.
+    """
+    config = vla.model.config
+    arch = ARCHITECTURES[config.model_type]
+    tokenizer = vla.tokenizer
+    batch = len(instructions)
+    pixel_values = preprocess_images(images, vla.image_processor)
+    if pixel_values.shape[0] != batch:
+        raise ValueError(f"got {pixel_values.shape[0]} images for {batch} instructions")
+
+    image_ids = [config.image_token_id] * num_image_tokens(config)
+    lead = image_ids + [tokenizer.bos_token_id] if arch.image_before_bos else [tokenizer.bos_token_id] + image_ids
+    prompts = [PROMPT_TEMPLATE.format(instruction=text) + arch.prefix_separator for text in instructions]
+    prefixes = [lead + ids for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+
+    if action_ids is None:
+        suffix = torch.zeros(batch, 0, dtype=torch.long)
+    else:
+        actions = torch.as_tensor(action_ids)
+        if actions.ndim != 2 or actions.shape[0] != batch or actions.dtype.is_floating_point:
+            raise ValueError(f"action_ids must be integer (B={batch}, D), got {actions.dtype} {tuple(actions.shape)}")
+        if actions.min() < 0 or actions.max() >= config.text_config.vocab_size:
+            raise ValueError("action_ids lie outside the vocabulary; encode actions with the checkpoint's tokenizer")
+        eos = torch.full((batch, 1), tokenizer.eos_token_id, dtype=torch.long)
+        suffix = torch.cat([actions.long(), eos], dim=1)  # (B, D + 1)
+
+    lengths = [len(p) + suffix.shape[1] for p in prefixes]
+    seq_len = max(lengths)
+    if seq_len > config.text_config.max_position_embeddings:
+        raise ValueError(
+            f"prompt of {seq_len} tokens exceeds max_position_embeddings="
+            f"{config.text_config.max_position_embeddings}; shorten the instruction or enlarge the model config"
+        )
+    input_ids = torch.full((batch, seq_len), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros(batch, seq_len, dtype=torch.long)
+    is_suffix = torch.zeros(batch, seq_len, dtype=torch.bool)
+    left_pad = action_ids is None
+    action_starts = []
+    for row, (prefix, length) in enumerate(zip(prefixes, lengths)):
+        start = seq_len - length if left_pad else 0
+        tokens = torch.cat([torch.tensor(prefix, dtype=torch.long), suffix[row]])
+        input_ids[row, start : start + length] = tokens
+        attention_mask[row, start : start + length] = 1
+        is_suffix[row, start + len(prefix) : start + length] = True
+        action_starts.append(start + len(prefix))
+
+    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0) + arch.position_offset  # (B, L)
+    out = {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "position_ids": position_ids,
+        "pixel_values": pixel_values,
+    }
+    if arch.uses_token_type_ids:
+        # Right padding joins the causal suffix; left padding joins the prefix so that no query row is all-masked.
+        padding_type = 0 if left_pad else 1
+        out["token_type_ids"] = torch.where(attention_mask.bool(), is_suffix.long(), padding_type)
+    if action_ids is not None:
+        out["labels"] = torch.where(is_suffix, input_ids, IGNORE_INDEX)
+        out["action_positions"] = torch.tensor(action_starts).unsqueeze(1) + torch.arange(suffix.shape[1] - 1)  # (B, D)
+    return out
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The entries of a ``build_inputs`` batch that the model's forward accepts."""
+    return {key: value for key, value in batch.items() if key != "action_positions"}
