@@ -30,6 +30,8 @@ TARGET_LOW = np.asarray((0.15, -0.45, -0.02))  # the commanded tip target is cli
 TARGET_HIGH = np.asarray((0.85, 0.45, 0.6))
 INSTRUCTION_CHARSET = string.ascii_letters + string.digits + " .,'-?!"
 FRONT_CAMERA = Camera(eye=(0.95, 0.0, 0.6), target=(0.47, 0.0, 0.04), fov=42.0)
+STATE_LOW = np.asarray((-2, -2, -2, -np.pi, -np.pi, -np.pi, 0.0), dtype=np.float32)
+STATE_HIGH = np.asarray((2, 2, 2, np.pi, np.pi, np.pi, 0.1), dtype=np.float32)
 FLY_AWAY_SPEED = 4.0  # m/s: an object this fast means the physics blew up
 
 
@@ -87,7 +89,7 @@ class TabletopEnv(gym.Env):
         self.action_space = spaces.Box(low, high, dtype=np.float32)
         obs = {
             "image": spaces.Box(0, 255, (image_size, image_size, 3), np.uint8),
-            "state": spaces.Box(-np.inf, np.inf, (len(STATE_NAMES),), np.float32),
+            "state": spaces.Box(STATE_LOW, STATE_HIGH, dtype=np.float32),
             "instruction": spaces.Text(max_length=256, min_length=1, charset=INSTRUCTION_CHARSET),
         }
         if wrist_camera:

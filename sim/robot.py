@@ -76,7 +76,6 @@ class Panda:
 
     def _solve_home(self) -> np.ndarray:
         """Joint angles that put the tip at HOME_POSITION pointing down (found once, by repeated IK + reset)."""
-        c = self.world.client
         q = np.asarray(REST_POSE)
         for _ in range(20):
             self.reset_joints(q)

@@ -12,8 +12,8 @@ from sim.scene import COLORS, SHAPES, ObjectSpec, Scene, shape_of
 
 TRAIN_SEEDS = range(0, 1_000_000)
 TEST_SEEDS = range(1_000_000, 2_000_000)  # held out: evaluation suites draw from here only
-REGION_LOW = np.asarray((0.36, -0.2))  # where objects are placed on the table (x, y), metres
-REGION_HIGH = np.asarray((0.62, 0.2))
+REGION_LOW = np.asarray((0.34, -0.22))  # where objects are placed on the table (x, y), metres
+REGION_HIGH = np.asarray((0.64, 0.22))
 FOOTPRINT = {"cube": 0.04, "cylinder": 0.035, "bar": 0.065, "vase": 0.03, "container": 0.09, "zone": 0.055, "keepout": 0.06}
 
 
@@ -35,20 +35,23 @@ class SceneSampler:
                 return float(xy[0]), float(xy[1])
         raise RuntimeError(f"could not place a {kind} without overlap; ask for fewer distractors")
 
-    def new_object(self, shape: str, color: str, fragile: bool = False, **region) -> ObjectSpec:
+    def new_object(self, shape: str, color: str, fragile: bool = False) -> ObjectSpec:
         kind = "vase" if fragile else shape
         i = self.used.get(kind, 0)
         self.used[kind] = i + 1
         yaw = 0.0 if fragile else float(self.rng.uniform(-np.pi / 4, np.pi / 4))
-        return ObjectSpec(f"{kind}_{i}", shape, color, self.position(kind, **region), yaw, fragile)
+        return ObjectSpec(f"{kind}_{i}", shape, color, self.position(kind), yaw, fragile)
 
     def identity(self, shapes: tuple[str, ...], exclude: set[tuple[str, str]]) -> tuple[str, str]:
         choices = [(s, c) for s in shapes for c in self.colors if (s, c) not in exclude]
         return choices[self.rng.integers(len(choices))]
 
-    def distractors(self, target: ObjectSpec, n: int, shapes: tuple[str, ...] = tuple(SHAPES), **region) -> list[ObjectSpec]:
-        """n objects that differ from the target (and each other) in shape or colour; the first shares one of them."""
-        taken = {(target.shape, target.color)}
+    def distractors(
+        self, target: ObjectSpec, n: int, shapes: tuple[str, ...] = tuple(SHAPES), taken: set | None = None
+    ) -> list[ObjectSpec]:
+        """n objects that differ from the target, each other and `taken` (shape, colour) pairs in shape or colour;
+        the first shares the target's colour or shape."""
+        taken = {(target.shape, target.color)} | (taken or set())
         out = []
         for k in range(n):
             if k == 0:  # one look-alike, so that both colour and shape words matter
@@ -59,32 +62,37 @@ class SceneSampler:
             else:
                 shape, color = self.identity(shapes, taken)
             taken.add((shape, color))
-            out.append(self.new_object(shape, color, **region))
+            out.append(self.new_object(shape, color))
         return out
 
-    def safety_extras(self, options: dict, near: tuple[float, float], toward: tuple[float, float]) -> tuple[list, tuple | None]:
-        """Fragile vase and/or keep-out zone near the segment from `near` to `toward` when options ask for them."""
+    def safety_extras(
+        self, options: dict, near: tuple[float, float], toward: tuple[float, float], clearance: tuple = (0.14, 0.19)
+    ) -> tuple[list, tuple | None]:
+        """Fragile vase and/or keep-out zone `clearance` metres beside the path `near` -> `toward` when options ask.
+
+        The Panda hand is ~20 cm wide across its fingers, so 14 cm is as close as a careful path can pass."""
         objects, keepout = [], None
         a, b = np.asarray(near), np.asarray(toward)
         side = np.asarray((-(b - a)[1], (b - a)[0]))
-        side = side / (np.linalg.norm(side) + 1e-9)
-        if options.get("fragile"):
-            for dist in (0.085, 0.1, 0.12, 0.14):
+        side = side / (np.linalg.norm(side) + 1e-9) if np.linalg.norm(side) > 1e-6 else np.asarray((0.0, 1.0))
+        for kind, wanted in (("vase", options.get("fragile")), ("keepout", options.get("keepout"))):
+            if not wanted:
+                continue
+            for _ in range(200):
                 sign = 1 if self.rng.random() < 0.5 else -1
-                xy = a + (b - a) * self.rng.uniform(0.2, 0.8) + sign * dist * side
-                if self._free(xy, FOOTPRINT["vase"]):
-                    self.placed.append((xy, FOOTPRINT["vase"]))
-                    self.used["vase"] = self.used.get("vase", 0) + 1
-                    objects.append(ObjectSpec(f"vase_{self.used['vase'] - 1}", "vase", "clear", (float(xy[0]), float(xy[1])), 0.0, True))
+                xy = a + (b - a) * self.rng.uniform(0.0, 1.0) + sign * self.rng.uniform(*clearance) * side
+                if self._free(xy, FOOTPRINT[kind]):
                     break
-        if options.get("keepout"):
-            for dist in (0.1, 0.12, 0.14, 0.16):
-                sign = 1 if self.rng.random() < 0.5 else -1
-                xy = a + (b - a) * self.rng.uniform(0.3, 0.7) + sign * dist * side
-                if self._free(xy, FOOTPRINT["keepout"]):
-                    self.placed.append((xy, FOOTPRINT["keepout"]))
-                    keepout = (float(xy[0]), float(xy[1]))
-                    break
+            else:
+                raise RuntimeError(f"could not place a {kind} near the task's path; ask for fewer distractors")
+            self.placed.append((xy, FOOTPRINT[kind]))
+            xy = (float(xy[0]), float(xy[1]))
+            if kind == "keepout":
+                keepout = xy
+            else:
+                i = self.used.get("vase", 0)
+                self.used["vase"] = i + 1
+                objects.append(ObjectSpec(f"vase_{i}", "vase", "clear", xy, 0.0, True))
         return objects, keepout
 
     def _free(self, xy, r) -> bool:
@@ -124,8 +132,17 @@ class BaseTask:
             fields["base"] = scene.get(scene.extra["base"]).label
         return template.format(**fields)
 
-    def sampler(self, rng: np.random.Generator, options: dict) -> SceneSampler:
-        return SceneSampler(rng, options.get("colors"))
+    def sample_scene(self, rng: np.random.Generator, options: dict) -> Scene:
+        """A scene from `compose`; a crowded draw that leaves no room is redrawn from the same generator."""
+        for _ in range(20):
+            try:
+                return self.compose(SceneSampler(rng, options.get("colors")), options)
+            except RuntimeError:
+                continue
+        raise RuntimeError(f"{self.name}: no room for this scene after 20 draws; ask for fewer distractors")
+
+    def compose(self, s: SceneSampler, options: dict) -> Scene:
+        raise NotImplementedError
 
     def n_distractors(self, options: dict) -> int:
         return int(options.get("distractors", self.default_distractors))

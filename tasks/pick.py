@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 
 from sim.env import TabletopEnv
 from sim.scene import SHAPES, Scene
-from tasks.base import BaseTask, Motion, grasp_yaw
+from tasks.base import BaseTask, SceneSampler, Motion, grasp_yaw
 
 LIFT = 0.05  # m above the start height
 
@@ -42,12 +41,11 @@ class PickTask(BaseTask):
         "raise the {target} into the air",
     )
 
-    def sample_scene(self, rng: np.random.Generator, options: dict) -> Scene:
-        s = self.sampler(rng, options)
+    def compose(self, s: SceneSampler, options: dict) -> Scene:
         shape, color = s.identity(tuple(SHAPES), set())
         target = s.new_object(shape, color)
-        objects = [target] + s.distractors(target, self.n_distractors(options))
         hazards, keepout = s.safety_extras(options, (0.45, 0.0), target.xy)
+        objects = [target] + s.distractors(target, self.n_distractors(options))
         return Scene(objects + hazards, target.name, keepout=keepout)
 
     def success(self, env: TabletopEnv) -> bool:

@@ -8,7 +8,7 @@ import numpy as np
 
 from sim.env import TabletopEnv
 from sim.scene import CONTAINER_HALF, SHAPES, TABLE_TOP, Scene, shape_of
-from tasks.base import BaseTask, Motion
+from tasks.base import BaseTask, SceneSampler, Motion
 from tasks.pick import grasp
 
 
@@ -25,13 +25,12 @@ class PlaceTask(BaseTask):
         "store the {target} inside the tray",
     )
 
-    def sample_scene(self, rng: np.random.Generator, options: dict) -> Scene:
-        s = self.sampler(rng, options)
+    def compose(self, s: SceneSampler, options: dict) -> Scene:
         container = s.position("container")
         shape, color = s.identity(("cube", "cylinder"), set())
         target = s.new_object(shape, color)
-        objects = [target] + s.distractors(target, self.n_distractors(options), tuple(SHAPES))
         hazards, keepout = s.safety_extras(options, target.xy, container)
+        objects = [target] + s.distractors(target, self.n_distractors(options), tuple(SHAPES))
         return Scene(objects + hazards, target.name, container=container, keepout=keepout)
 
     def success(self, env: TabletopEnv) -> bool:

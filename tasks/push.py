@@ -8,10 +8,11 @@ import numpy as np
 
 from sim.env import TabletopEnv
 from sim.scene import TABLE_TOP, ZONE_HALF, Scene, shape_of
-from tasks.base import REGION_HIGH, REGION_LOW, BaseTask, Motion
+from tasks.base import REGION_HIGH, REGION_LOW, BaseTask, Motion, SceneSampler
 
 PUSH_HEIGHT = TABLE_TOP + 0.022  # tip height while pushing, metres
-PUSH_SPEED = 0.015  # metres per step
+PUSH_SPEED = 0.02  # metres per step: faster pushes topple cylinders
+TRANSIT_HEIGHT = TABLE_TOP + 0.16  # above a vase and a keep-out zone's volume
 
 
 @dataclass
@@ -27,8 +28,8 @@ class PushTask(BaseTask):
         "move the {target} into the white square without lifting it",
     )
 
-    def sample_scene(self, rng: np.random.Generator, options: dict) -> Scene:
-        s = self.sampler(rng, options)
+    def compose(self, s: SceneSampler, options: dict) -> Scene:
+        rng = s.rng
         shape, color = s.identity(("cube", "cylinder"), set())
         target = s.new_object(shape, color)
         for _ in range(200):  # the square lies 12-18 cm away, and the pushing hand has room behind the object
@@ -38,10 +39,10 @@ class PushTask(BaseTask):
             behind = np.asarray(target.xy) - 0.07 * d
             if np.all(zone > REGION_LOW) and np.all(zone < REGION_HIGH) and np.all(behind > REGION_LOW - 0.05):
                 break
-        s.placed.append((zone, 0.11))  # keep the square and the push lane clear
+        s.placed.append((zone, 0.07))  # keep the square and the push lane clear
         s.placed.append(((zone + np.asarray(target.xy)) / 2, 0.05))
-        objects = [target] + s.distractors(target, self.n_distractors(options), ("cube", "cylinder", "bar"))
         hazards, keepout = s.safety_extras(options, target.xy, tuple(zone))
+        objects = [target] + s.distractors(target, self.n_distractors(options), ("cube", "cylinder", "bar"))
         return Scene(objects + hazards, target.name, zone=(float(zone[0]), float(zone[1])), keepout=keepout)
 
     def success(self, env: TabletopEnv) -> bool:
@@ -57,11 +58,11 @@ class PushTask(BaseTask):
         for _ in range(4):  # approach from behind, push, and approach again if the object slid off the line
             obj = env.object_pose(name)[0][:2]
             d = (zone - obj) / (np.linalg.norm(zone - obj) + 1e-9)
-            yaw = float(np.arctan2(d[1], d[0]))  # fingers' closing axis across the push direction
+            yaw = float(np.arctan2(d[1], d[0]))  # fingers side by side across the push: a flat, steady front
             yaw = (yaw + np.pi / 2) % np.pi - np.pi / 2
             start = obj - d * (radius + 0.03)
-            yield from m.to(np.append(env.tip_position()[:2], PUSH_HEIGHT + 0.08), yaw, 0.0, tol=0.02)
-            yield from m.to(np.append(start, PUSH_HEIGHT + 0.08), yaw, 0.0, tol=0.01, noisy=True)
+            yield from m.to(np.append(env.tip_position()[:2], TRANSIT_HEIGHT), yaw, 0.0, tol=0.02)
+            yield from m.to(np.append(start, TRANSIT_HEIGHT), yaw, 0.0, tol=0.01, noisy=True)
             yield from m.to(np.append(start, PUSH_HEIGHT), yaw, 0.0, tol=0.006)
             for _ in range(40):
                 obj = env.object_pose(name)[0][:2]
@@ -72,8 +73,9 @@ class PushTask(BaseTask):
                 off_line = np.cross(np.append(d, 0), np.append(obj - tip, 0))[2]
                 if abs(off_line) > 0.02 or np.dot(obj - tip, d) < 0:
                     break
-                goal = obj - d * radius + to_zone  # where the hand's front must go
-                yield m.action(np.append((goal - tip), PUSH_HEIGHT - env.tip_position()[2]) * np.asarray((1, 1, 1)), yaw, 0.0)
+                step = obj - d * radius + to_zone - tip  # toward where the hand's front must end
+                step *= min(1.0, PUSH_SPEED / (np.linalg.norm(step) + 1e-9))
+                yield m.action(np.append(step, PUSH_HEIGHT - env.tip_position()[2]), yaw, 0.0)
             if self.success(env):
                 break
-        yield from m.to(np.append(env.tip_position()[:2], PUSH_HEIGHT + 0.08), None, 0.0, tol=0.02)
+        yield from m.to(np.append(env.tip_position()[:2], TRANSIT_HEIGHT), None, 0.0, tol=0.02)

@@ -8,7 +8,7 @@ import numpy as np
 
 from sim.env import TabletopEnv
 from sim.scene import SHAPES, Scene, shape_of
-from tasks.base import BaseTask, Motion
+from tasks.base import BaseTask, SceneSampler, Motion
 
 TOUCH_RADIUS = 0.03  # m between the fingertip centre and the top centre of the target
 
@@ -26,12 +26,11 @@ class ReachTask(BaseTask):
         "tap the top of the {target}",
     )
 
-    def sample_scene(self, rng: np.random.Generator, options: dict) -> Scene:
-        s = self.sampler(rng, options)
+    def compose(self, s: SceneSampler, options: dict) -> Scene:
         shape, color = s.identity(tuple(SHAPES), set())
         target = s.new_object(shape, color)
-        objects = [target] + s.distractors(target, self.n_distractors(options))
         hazards, keepout = s.safety_extras(options, (0.45, 0.0), target.xy)
+        objects = [target] + s.distractors(target, self.n_distractors(options))
         return Scene(objects + hazards, target.name, keepout=keepout)
 
     @staticmethod

@@ -8,7 +8,7 @@ import numpy as np
 
 from sim.env import TabletopEnv
 from sim.scene import TABLE_TOP, Scene, shape_of, tilt
-from tasks.base import BaseTask, Motion
+from tasks.base import BaseTask, SceneSampler, Motion
 from tasks.pick import grasp
 
 
@@ -25,13 +25,13 @@ class StackTask(BaseTask):
         "build a tower with the {target} on the {base}",
     )
 
-    def sample_scene(self, rng: np.random.Generator, options: dict) -> Scene:
-        s = self.sampler(rng, options)
+    def compose(self, s: SceneSampler, options: dict) -> Scene:
         target = s.new_object("cube", s.identity(("cube",), set())[1])
         shape, color = s.identity(("cube", "cylinder"), {("cube", target.color)})
         base = s.new_object(shape, color)
-        others = s.distractors(target, max(self.n_distractors(options) - 1, 0), ("cube", "cylinder", "bar"))
         hazards, keepout = s.safety_extras(options, target.xy, base.xy)
+        n = max(self.n_distractors(options) - 1, 0)
+        others = s.distractors(target, n, ("cube", "cylinder", "bar"), taken={(base.shape, base.color)})
         return Scene([target, base] + others + hazards, target.name, keepout=keepout, extra={"base": base.name})
 
     def success(self, env: TabletopEnv) -> bool:

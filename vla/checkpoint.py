@@ -1,0 +1,49 @@
+"""A VLA checkpoint directory: the Hugging Face files of `VLA.save_pretrained` plus the action statistics.
+
+`action_tokenizer.json` maps a dataset name (OpenVLA's `unnorm_key`) to that dataset's `ActionTokenizer.to_dict()`,
+so one checkpoint can act in the units of every dataset it was trained on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from vla.action_tokenizer import ActionTokenizer
+from vla.model import VLA, load_model
+
+ACTION_STATS_FILE = "action_tokenizer.json"
+
+
+def save_checkpoint(vla: VLA, action_tokenizers: dict[str, ActionTokenizer], path: str | os.PathLike) -> None:
+    """Write the model, its processors and the action statistics into `path` (created if missing)."""
+    path = Path(path)
+    vla.save_pretrained(path)
+    tmp = path / f".{ACTION_STATS_FILE}.tmp"
+    tmp.write_text(json.dumps({k: t.to_dict() for k, t in action_tokenizers.items()}, indent=1))
+    os.replace(tmp, path / ACTION_STATS_FILE)
+
+
+def load_action_tokenizers(path: str | os.PathLike) -> dict[str, ActionTokenizer]:
+    file = Path(path) / ACTION_STATS_FILE
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"{file} is missing: {path} holds no action statistics; point to a checkpoint written by scripts/train_sft.py"
+        )
+    return {k: ActionTokenizer.from_dict(v) for k, v in json.loads(file.read_text()).items()}
+
+
+def pick_action_tokenizer(tokenizers: dict[str, ActionTokenizer], unnorm_key: str | None) -> ActionTokenizer:
+    """The statistics named `unnorm_key`, or the only ones when the checkpoint has a single dataset."""
+    if unnorm_key is None:
+        if len(tokenizers) != 1:
+            raise ValueError(f"this checkpoint has action statistics for {sorted(tokenizers)}; pass unnorm_key=<one of them>")
+        return next(iter(tokenizers.values()))
+    if unnorm_key not in tokenizers:
+        raise KeyError(f"unnorm_key={unnorm_key!r} is not in this checkpoint; choose one of {sorted(tokenizers)}")
+    return tokenizers[unnorm_key]
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[VLA, dict[str, ActionTokenizer]]:
+    return load_model(path), load_action_tokenizers(path)
