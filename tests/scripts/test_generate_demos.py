@@ -1,0 +1,126 @@
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import generate_demos  # noqa: E402
+from generate_demos import DemoConfig, generate  # noqa: E402
+from vla.dataset import DatasetError, LeRobotDataset, validate_dataset  # noqa: E402
+
+SCRIPT = str(ROOT / "scripts" / "generate_demos.py")
+
+
+def _digest(root: Path) -> str:
+    """Hash of every data and meta file (the dataset's content), ignoring summary.json timings."""
+    h = hashlib.sha256()
+    for p in sorted((root / "data").rglob("*.parquet")) + sorted((root / "meta").rglob("*")):
+        if p.is_file():
+            h.update(p.relative_to(root).as_posix().encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def _cfg(tmp_path, name="d", **kw) -> DemoConfig:
+    base = dict(task="reach", num_episodes=3, workers=1, image_size=48, output_dir=str(tmp_path / name))
+    base.update(kw)
+    return DemoConfig(**base)
+
+
+def test_generates_a_valid_dataset_with_summary(tmp_path):
+    summary = generate(_cfg(tmp_path, task="reach,pick", num_episodes=2))
+    root = tmp_path / "d"
+    assert validate_dataset(root) == []
+    ds = LeRobotDataset(root)
+    assert summary["episodes"] == 4 and summary["frames"] == len(ds) == ds.info["total_frames"]
+    assert summary["expert_success_rate"] == 1.0 and summary["discarded"] == 0
+    assert json.loads((root / "summary.json").read_text())["episodes"] == 4
+    assert [e["task_name"] for e in ds.episodes] == ["reach", "reach", "pick", "pick"]
+    assert all(e["success"] for e in ds.episodes)
+    frame = ds[0]
+    assert frame["image"].shape == (48, 48, 3) and frame["instruction"] in ds.instructions
+
+
+def test_datasets_library_reads_it(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    generate(_cfg(tmp_path, num_episodes=2))
+    files = sorted(str(p) for p in (tmp_path / "d" / "data").rglob("*.parquet"))
+    ds = datasets.load_dataset("parquet", data_files=files, split="train")
+    assert ds[0]["observation.images.front"].size == (48, 48)
+    assert len(ds[0]["action"]) == 7
+
+
+def test_workers_do_not_change_the_result(tmp_path):
+    generate(_cfg(tmp_path, "one", num_episodes=4))
+    generate(_cfg(tmp_path, "two", num_episodes=4, workers=2))
+    assert _digest(tmp_path / "one") == _digest(tmp_path / "two")
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumes_to_the_same_dataset(tmp_path):
+    args = ["task=pick", "num_episodes=6", "image_size=48"]
+    subprocess.run([sys.executable, SCRIPT, *args, f"output_dir={tmp_path / 'straight'}"], check=True, capture_output=True)
+    target = tmp_path / "cut"
+    proc = subprocess.Popen([sys.executable, SCRIPT, *args, f"output_dir={target}"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    staged = target / ".staging"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(staged.glob("episode-*.parquet"))) < 3:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (target / "meta" / "info.json").exists()  # it really was cut short
+    subprocess.run([sys.executable, SCRIPT, *args, f"output_dir={target}"], check=True, capture_output=True)
+    assert _digest(target) == _digest(tmp_path / "straight")
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True)
+
+
+def test_bad_inputs_fail_with_one_clear_line(tmp_path):
+    out = _run("task=juggle", f"output_dir={tmp_path / 'x'}")
+    assert out.returncode != 0 and "unknown task 'juggle'" in out.stderr
+    out = _run("num_episodes=0", f"output_dir={tmp_path / 'x'}")
+    assert out.returncode != 0 and "num_episodes=0 must be at least 1" in out.stderr
+    out = _run("num_episode=5")
+    assert out.returncode != 0 and "num_episode" in out.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_an_output_dir_holding_another_dataset_is_left_untouched(tmp_path):
+    generate(_cfg(tmp_path, num_episodes=2))
+    before = _digest(tmp_path / "d")
+    with pytest.raises(DatasetError, match="different dataset"):
+        generate(_cfg(tmp_path, num_episodes=2, image_size=64))
+    assert _digest(tmp_path / "d") == before
+    again = generate(_cfg(tmp_path, num_episodes=2))  # same arguments: nothing to do, same figures
+    assert again["episodes"] == 2 and _digest(tmp_path / "d") == before
+
+
+def test_a_corrupt_data_file_is_named(tmp_path):
+    generate(_cfg(tmp_path, num_episodes=2))
+    data = next((tmp_path / "d" / "data").rglob("*.parquet"))
+    data.write_bytes(data.read_bytes()[: len(data.read_bytes()) // 2])
+    with pytest.raises(DatasetError, match=data.name):
+        LeRobotDataset(tmp_path / "d")
+
+
+def test_hydra_config_matches_the_schema():
+    generate_demos.register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        cfg = compose(config_name="generate_demos", overrides=["task=all", "num_episodes=3"])
+        demo = OmegaConf.to_object(cfg)
+    assert isinstance(demo, DemoConfig) and len(demo.tasks()) == 5 and demo.output_dir == "data/all"
+    assert np.isclose(demo.noise, 0.003)
