@@ -14,7 +14,7 @@ TRAIN_SEEDS = range(0, 1_000_000)
 TEST_SEEDS = range(1_000_000, 2_000_000)  # held out: evaluation suites draw from here only
 REGION_LOW = np.asarray((0.34, -0.22))  # where objects are placed on the table (x, y), metres
 REGION_HIGH = np.asarray((0.64, 0.22))
-FOOTPRINT = {"cube": 0.04, "cylinder": 0.035, "bar": 0.065, "vase": 0.03, "container": 0.09, "zone": 0.055, "keepout": 0.06}
+FOOTPRINT = {"cube": 0.04, "cylinder": 0.035, "bar": 0.065, "vase": 0.03, "container": 0.12, "zone": 0.055, "keepout": 0.06}
 
 
 class SceneSampler:

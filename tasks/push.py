@@ -32,16 +32,18 @@ class PushTask(BaseTask):
         rng = s.rng
         shape, color = s.identity(("cube", "cylinder"), set())
         target = s.new_object(shape, color)
-        for _ in range(200):  # the square lies 12-18 cm away, and the pushing hand has room behind the object
+        for _ in range(200):  # the square lies 12-18 cm away; the hand has room behind the object
             ang = rng.uniform(-np.pi, np.pi)
             d = np.asarray((np.cos(ang), np.sin(ang)))
             zone = np.asarray(target.xy) + rng.uniform(0.12, 0.18) * d
             behind = np.asarray(target.xy) - 0.07 * d
-            if np.all(zone > REGION_LOW) and np.all(zone < REGION_HIGH) and np.all(behind > REGION_LOW - 0.05):
+            comfortable = abs((ang + np.pi / 2) % np.pi - np.pi / 2) < 1.3  # no wrist-twisting sideways pushes
+            if np.all(zone > REGION_LOW) and np.all(zone < REGION_HIGH) and np.all(behind > REGION_LOW - 0.05) and comfortable:
                 break
         s.placed.append((zone, 0.07))  # keep the square and the push lane clear
         s.placed.append(((zone + np.asarray(target.xy)) / 2, 0.05))
-        hazards, keepout = s.safety_extras(options, target.xy, tuple(zone))
+        # re-approaches from a new side sweep the ~20 cm wide hand around the object: hazards stand further off
+        hazards, keepout = s.safety_extras(options, target.xy, tuple(zone), clearance=(0.17, 0.22))
         objects = [target] + s.distractors(target, self.n_distractors(options), ("cube", "cylinder", "bar"))
         return Scene(objects + hazards, target.name, zone=(float(zone[0]), float(zone[1])), keepout=keepout)
 

@@ -1,0 +1,123 @@
+"""Speed benchmarks, each a ratio against a peer measured side by side in the same run (plus absolute figures).
+
+    python scripts/benchmark.py                      # every section, JSON to bench/results.json
+    python scripts/benchmark.py --only sim --seconds 5
+
+Sections: sim (control steps/s with a 128 px image vs panda-gym PandaPickAndPlace-v3 rendering 128 px; 1 vs 2
+worker processes), policy (one action vs one prompt forward and HF generate), train (SFT step vs a naive
+transformers forward/backward).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _ours_steps(seconds: float, image_size: int = 128, seed: int = 0) -> float:
+    """Control steps/s of TabletopPick with a `image_size` RGB observation, random actions, resets included."""
+    import tasks
+
+    env = tasks.make_env("pick", image_size=image_size)
+    rng = np.random.default_rng(seed)
+    env.reset(seed=seed)
+    steps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        action = rng.uniform(env.action_space.low, env.action_space.high).astype(np.float32)
+        _, _, terminated, _, _ = env.step(action)
+        steps += 1
+        if terminated or env.steps >= env.task.max_steps:
+            env.reset(seed=seed + steps)
+    return steps / (time.perf_counter() - start)
+
+
+def _panda_gym_steps(seconds: float, image_size: int = 128) -> float | None:
+    """Control steps/s of panda-gym's PandaPickAndPlace-v3 with a `image_size` render each step (None if absent)."""
+    try:
+        import gymnasium as gym
+        import panda_gym  # noqa: F401
+    except ImportError:
+        return None
+    env = gym.make("PandaPickAndPlace-v3", render_mode="rgb_array", render_width=image_size, render_height=image_size)
+    env.reset(seed=0)
+    steps, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        _, _, terminated, truncated, _ = env.step(env.action_space.sample())
+        env.render()
+        steps += 1
+        if terminated or truncated:
+            env.reset()
+    return steps / (time.perf_counter() - start)
+
+
+def _worker(args) -> float:
+    seconds, seed = args
+    return _ours_steps(seconds, seed=seed) * seconds  # steps done
+
+
+def bench_sim(seconds: float) -> dict:
+    ours = _ours_steps(seconds)
+    peer = _panda_gym_steps(seconds)
+    with mp.get_context("spawn").Pool(2) as pool:  # warm the worker imports before timing
+        pool.map(_worker, [(0.5, 0), (0.5, 1)])
+        start = time.perf_counter()
+        done = pool.map(_worker, [(seconds, 0), (seconds, 1)])
+        two = sum(done) / (time.perf_counter() - start)
+    one = _ours_steps(seconds)
+    return {
+        "ours_steps_per_s_128px": round(ours, 1),
+        "panda_gym_steps_per_s_128px": None if peer is None else round(peer, 1),
+        "ratio_vs_panda_gym": None if peer is None else round(ours / peer, 2),
+        "one_worker_steps_per_s": round(one, 1),
+        "two_workers_steps_per_s": round(two, 1),
+        "two_worker_speedup": round(two / one, 2),
+    }
+
+
+def bench_policy(seconds: float) -> dict:
+    sys.path.insert(0, str(ROOT))
+    from bench.policy_latency import measure
+
+    return measure()
+
+
+def bench_train(seconds: float) -> dict:
+    from vla.train import naive_step_throughput
+
+    return naive_step_throughput()
+
+
+SECTIONS = {"sim": bench_sim, "policy": bench_policy, "train": bench_train}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", nargs="*", choices=sorted(SECTIONS), default=sorted(SECTIONS))
+    parser.add_argument("--seconds", type=float, default=8.0, help="timing window per measurement")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
+    args = parser.parse_args()
+    results = {"machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}}
+    for name in args.only:
+        print(f"== {name}", flush=True)
+        results[name] = SECTIONS[name](args.seconds)
+        print(json.dumps(results[name], indent=2), flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=2))
+    os.replace(tmp, out)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
