@@ -14,37 +14,60 @@ TRAIN_SEEDS = range(0, 1_000_000)
 TEST_SEEDS = range(1_000_000, 2_000_000)  # held out: evaluation suites draw from here only
 REGION_LOW = np.asarray((0.34, -0.22))  # where objects are placed on the table (x, y), metres
 REGION_HIGH = np.asarray((0.64, 0.22))
+TARGET_Y = 0.16  # training targets have |y| <= TARGET_Y; the band beyond is held out
+HELDOUT_COMBOS = frozenset({("cube", "purple"), ("cylinder", "orange"), ("bar", "green")})
 FOOTPRINT = {"cube": 0.04, "cylinder": 0.035, "bar": 0.065, "vase": 0.03, "container": 0.12, "zone": 0.055, "keepout": 0.06}
 
 
 class SceneSampler:
-    """Draws non-overlapping table positions and object identities from one random generator."""
+    """Draws non-overlapping table positions and object identities from one random generator.
 
-    def __init__(self, rng: np.random.Generator, colors: tuple[str, ...] | None = None):
+    Held out of the training distribution (for the generalization suite): the (shape, colour) pairs in
+    HELDOUT_COMBOS, which appear only with `options["novel_target"]` (then as the target), and target positions
+    with |y| > TARGET_Y, which appear only with `options["target_region"] == "outer"`.
+    """
+
+    def __init__(self, rng: np.random.Generator, options: dict | None = None):
         self.rng = rng
-        self.colors = tuple(colors or COLORS)
+        self.options = dict(options or {})
+        self.colors = tuple(self.options.get("colors") or COLORS)
         self.placed: list[tuple[np.ndarray, float]] = []
         self.used: dict[str, int] = {}
 
-    def position(self, kind: str, low=REGION_LOW, high=REGION_HIGH) -> tuple[float, float]:
+    def position(self, kind: str, target: bool = False) -> tuple[float, float]:
         r = FOOTPRINT[kind]
+        outer = target and self.options.get("target_region") == "outer"
+        high = np.asarray((REGION_HIGH[0], TARGET_Y)) if target and not outer else REGION_HIGH
+        low = -high * (0, 1) + REGION_LOW * (1, 0)
         for _ in range(500):
             xy = self.rng.uniform(low, high)
+            if outer:
+                xy[1] = np.sign(xy[1] or 1.0) * self.rng.uniform(TARGET_Y, REGION_HIGH[1])
             if all(np.linalg.norm(xy - p) > r + q + 0.012 for p, q in self.placed):
                 self.placed.append((xy, r))
                 return float(xy[0]), float(xy[1])
         raise RuntimeError(f"could not place a {kind} without overlap; ask for fewer distractors")
 
-    def new_object(self, shape: str, color: str, fragile: bool = False) -> ObjectSpec:
-        kind = "vase" if fragile else shape
-        i = self.used.get(kind, 0)
-        self.used[kind] = i + 1
-        yaw = 0.0 if fragile else float(self.rng.uniform(-np.pi / 4, np.pi / 4))
-        return ObjectSpec(f"{kind}_{i}", shape, color, self.position(kind), yaw, fragile)
+    def new_object(self, shape: str, color: str, target: bool = False) -> ObjectSpec:
+        i = self.used.get(shape, 0)
+        self.used[shape] = i + 1
+        yaw = float(self.rng.uniform(-np.pi / 4, np.pi / 4))
+        return ObjectSpec(f"{shape}_{i}", shape, color, self.position(shape, target), yaw)
 
     def identity(self, shapes: tuple[str, ...], exclude: set[tuple[str, str]]) -> tuple[str, str]:
-        choices = [(s, c) for s in shapes for c in self.colors if (s, c) not in exclude]
+        choices = [(s, c) for s in shapes for c in self.colors if (s, c) not in exclude | HELDOUT_COMBOS]
         return choices[self.rng.integers(len(choices))]
+
+    def target(self, shapes: tuple[str, ...], exclude: set[tuple[str, str]] = frozenset()) -> ObjectSpec:
+        """The object the instruction names: a training pair, or a held-out pair when options ask for it."""
+        if self.options.get("novel_target"):
+            choices = sorted(c for c in HELDOUT_COMBOS if c[0] in shapes and c[1] in self.colors and c not in exclude)
+            if not choices:
+                raise ValueError(f"no held-out (shape, colour) pair among shapes {shapes}; see HELDOUT_COMBOS")
+            shape, color = choices[self.rng.integers(len(choices))]
+        else:
+            shape, color = self.identity(shapes, set(exclude))
+        return self.new_object(shape, color, target=True)
 
     def distractors(
         self, target: ObjectSpec, n: int, shapes: tuple[str, ...] = tuple(SHAPES), taken: set | None = None
@@ -55,6 +78,7 @@ class SceneSampler:
         out = []
         for k in range(n):
             if k == 0:  # one look-alike, so that both colour and shape words matter
+                taken |= HELDOUT_COMBOS
                 same_color = [(s, target.color) for s in shapes if (s, target.color) not in taken]
                 same_shape = [(target.shape, c) for c in self.colors if (target.shape, c) not in taken]
                 pool = same_color + same_shape
@@ -105,7 +129,8 @@ class BaseTask:
     """A task: scene sampler, instruction templates (train and held-out paraphrases), success, expert, budget.
 
     `options` (passed to `env.reset`) may hold: `distractors` (int), `paraphrase` ("train" | "heldout"),
-    `colors` (tuple of colour names to draw from), `fragile` / `keepout` (bool: safety hazards near the path).
+    `colors` (tuple of colour names to draw from), `fragile` / `keepout` (bool: safety hazards near the path),
+    `novel_target` (bool: the target is a held-out shape-colour pair), `target_region` ("outer": a held-out band).
     """
 
     name: str = ""
@@ -136,7 +161,7 @@ class BaseTask:
         """A scene from `compose`; a crowded draw that leaves no room is redrawn from the same generator."""
         for _ in range(20):
             try:
-                return self.compose(SceneSampler(rng, options.get("colors")), options)
+                return self.compose(SceneSampler(rng, options), options)
             except RuntimeError:
                 continue
         raise RuntimeError(f"{self.name}: no room for this scene after 20 draws; ask for fewer distractors")

@@ -42,8 +42,7 @@ class PickTask(BaseTask):
     )
 
     def compose(self, s: SceneSampler, options: dict) -> Scene:
-        shape, color = s.identity(tuple(SHAPES), set())
-        target = s.new_object(shape, color)
+        target = s.target(tuple(SHAPES))
         hazards, keepout = s.safety_extras(options, (0.45, 0.0), target.xy)
         objects = [target] + s.distractors(target, self.n_distractors(options))
         return Scene(objects + hazards, target.name, keepout=keepout)

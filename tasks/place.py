@@ -27,8 +27,7 @@ class PlaceTask(BaseTask):
 
     def compose(self, s: SceneSampler, options: dict) -> Scene:
         container = s.position("container")
-        shape, color = s.identity(("cube", "cylinder"), set())
-        target = s.new_object(shape, color)
+        target = s.target(("cube", "cylinder"))
         hazards, keepout = s.safety_extras(options, target.xy, container)
         objects = [target] + s.distractors(target, self.n_distractors(options), tuple(SHAPES))
         return Scene(objects + hazards, target.name, container=container, keepout=keepout)

@@ -30,8 +30,7 @@ class PushTask(BaseTask):
 
     def compose(self, s: SceneSampler, options: dict) -> Scene:
         rng = s.rng
-        shape, color = s.identity(("cube", "cylinder"), set())
-        target = s.new_object(shape, color)
+        target = s.target(("cube", "cylinder"))
         for _ in range(200):  # the square lies 12-18 cm away; the hand has room behind the object
             ang = rng.uniform(-np.pi, np.pi)
             d = np.asarray((np.cos(ang), np.sin(ang)))

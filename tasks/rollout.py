@@ -27,14 +27,22 @@ class Rollout:
     step_info: list[dict] = field(default_factory=list)  # what the policy returned with each action
     frames: list[np.ndarray] = field(default_factory=list)  # env.render() per step when recording video
 
+    @property
+    def confidence(self) -> float | None:
+        """Episode confidence: the mean over steps of the policy's per-action confidence (None if not reported).
+
+        The one definition used by evaluation (calibration) and the preference judge."""
+        values = [i["confidence"] for i in self.step_info if "confidence" in i]
+        return float(np.mean(values)) if values else None
+
 
 def rollout(
     env: TabletopEnv | gym.Env, policy, seed: int, options: dict | None = None, max_steps: int | None = None, record_video: bool = False
 ) -> Rollout:
-    """Reset `env` with `seed` (and `options`), then step `policy` until success, error or the step budget."""
+    """Reset `env` and `policy` with `seed` (env with `options`), then step until success, error or the budget."""
     core = env.unwrapped
     obs, info = env.reset(seed=seed, options=options)
-    policy.reset()
+    policy.reset(seed=seed)
     budget = max_steps or core.task.max_steps
     images, states, actions, step_info, frames = [], [], [], [], []
     success, error, steps = False, None, 0

@@ -26,7 +26,7 @@ class StackTask(BaseTask):
     )
 
     def compose(self, s: SceneSampler, options: dict) -> Scene:
-        target = s.new_object("cube", s.identity(("cube",), set())[1])
+        target = s.target(("cube",))
         shape, color = s.identity(("cube", "cylinder"), {("cube", target.color)})
         base = s.new_object(shape, color)
         hazards, keepout = s.safety_extras(options, target.xy, base.xy)

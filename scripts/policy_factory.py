@@ -1,0 +1,47 @@
+"""Picklable policy specs for worker processes: `PolicySpec("expert" | "random" | <checkpoint dir>)(env) -> policy`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BUILTIN = ("expert", "random")
+
+
+@dataclass
+class PolicySpec:
+    """Which policy to run: the scripted expert, a uniform random policy, or a VLA checkpoint directory."""
+
+    name: str
+    temperature: float = 0.0
+    unnorm_key: str | None = None
+    _vla: object = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.name not in BUILTIN:
+            path = Path(self.name)
+            if not (path / "config.json").is_file():
+                hint = " (a training run: point to its final/ checkpoint)" if (path / "final").is_dir() else ""
+                raise FileNotFoundError(
+                    f"policy={self.name!r} is neither 'expert', 'random' nor a checkpoint directory with config.json{hint}"
+                )
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_vla": None}  # workers load the model themselves
+
+    @property
+    def reports_confidence(self) -> bool:
+        return self.name not in BUILTIN
+
+    def __call__(self, env):
+        if self.name == "expert":
+            return env.task.expert(env)
+        if self.name == "random":
+            from vla.policy import RandomPolicy
+
+            return RandomPolicy(env.action_space.low, env.action_space.high)
+        if self._vla is None:
+            from vla.policy import VLAPolicy
+
+            self._vla = VLAPolicy.from_pretrained(self.name, unnorm_key=self.unnorm_key, temperature=self.temperature)
+        return self._vla

@@ -1,0 +1,123 @@
+"""Run a suite manifest with any policy, in parallel worker processes, resumably; one JSON line per episode.
+
+Each worker builds its environments and its policy once (the policy from a picklable `factory(env) -> policy`)
+and runs whole episodes with one torch thread, so an episode's result depends only on its manifest entry: the
+same metrics come out for any number of workers (tested). Finished episodes are appended to
+`episodes.jsonl`; a rerun skips them.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from tasks import make_env
+from tasks.rollout import rollout
+
+RESULTS_FILE = "episodes.jsonl"
+
+
+class _Worker:
+    def __init__(self, factory: Callable, image_size: int, out_dir: str):
+        self.factory, self.image_size, self.out_dir = factory, image_size, Path(out_dir)
+        self.envs: dict = {}
+
+    def run(self, job: tuple[dict, bool]) -> dict:
+        episode, record = job
+        task = episode["task"]
+        if task not in self.envs:
+            self.envs[task] = make_env(task, image_size=self.image_size, render_mode="rgb_array")
+        env = self.envs[task]
+        policy = self.factory(env)
+        r = rollout(env, policy, episode["seed"], dict(episode["options"]), record_video=record)
+        video = None
+        if record:
+            video = f"videos/{episode['id'].replace('/', '_')}.gif"
+            write_gif(r.frames, self.out_dir / video, fps=env.metadata["render_fps"])
+        motions = [float(np.linalg.norm(a[:3])) for a in r.actions]
+        confidences = [float(i["confidence"]) for i in r.step_info if "confidence" in i]
+        return {
+            **{k: episode[k] for k in ("id", "task", "axis", "seed")},
+            "instruction": r.instruction,
+            "success": r.success,
+            "steps": r.steps,
+            "max_steps": env.task.max_steps,
+            "safety": r.safety,
+            "error": r.error,
+            "confidence": r.confidence,
+            "step_confidence": confidences,
+            "step_motion": motions,
+            "video": video,
+        }
+
+
+_worker: _Worker | None = None  # one per worker process, built by the pool initializer
+
+
+def _init(factory: Callable, image_size: int, out_dir: str) -> None:
+    global _worker
+    import torch
+
+    torch.set_num_threads(1)
+    _worker = _Worker(factory, image_size, out_dir)
+
+
+def _run(job: tuple[dict, bool]) -> dict:
+    return _worker.run(job)
+
+
+def write_gif(frames: list[np.ndarray], path: Path, fps: int) -> None:
+    """Frames (H, W, 3) uint8 -> an animated GIF, written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    images = [Image.fromarray(f) for f in frames]
+    images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
+    os.replace(tmp, path)
+
+
+def load_results(out_dir: Path) -> dict[str, dict]:
+    """Finished episodes by id; a line cut short by a crash is ignored (that episode runs again)."""
+    path = Path(out_dir) / RESULTS_FILE
+    results = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            results[row["id"]] = row
+    return results
+
+
+def evaluate_manifest(
+    manifest: dict, factory: Callable, out_dir: str | Path, *, workers: int = 1, videos: int = 0, image_size: int = 96,
+    desc: str = "eval",
+) -> list[dict]:
+    """Run every episode of `manifest` not yet in `out_dir`, then return all results in manifest order."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    done = load_results(out_dir)
+    episodes = manifest["episodes"]
+    record = {e["id"] for e in episodes[:: max(1, len(episodes) // videos)][:videos]} if videos else set()
+    todo = [(e, e["id"] in record) for e in episodes if e["id"] not in done]
+    if todo:
+        ctx = mp.get_context("spawn")
+        with ctx.Pool(workers, initializer=_init, initargs=(factory, image_size, str(out_dir))) as pool, \
+                open(out_dir / RESULTS_FILE, "a") as sink, \
+                tqdm(total=len(episodes), initial=len(done), desc=desc, unit="ep") as bar:
+            wins = sum(r["success"] for r in done.values())
+            for row in pool.imap_unordered(_run, todo):
+                sink.write(json.dumps(row) + "\n")
+                sink.flush()
+                done[row["id"]] = row
+                wins += row["success"]
+                bar.update()
+                bar.set_postfix(success=f"{wins / len(done):.0%}")
+    return [done[e["id"]] for e in episodes]

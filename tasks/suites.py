@@ -1,0 +1,61 @@
+"""Evaluation suites as data: named, versioned manifests of episodes (task, seed, variation).
+
+A manifest is fully determined by (suite, version, tasks, episodes_per_task), so two policies evaluated with the
+same arguments always meet identical start states. Seeds come from the tasks' test range only, apart from every
+training seed, and each (suite, axis, task) owns its own block of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from tasks import TASKS, get_task
+
+# axis -> env.reset options; one axis per variation, each reported on its own.
+SUITES: dict[str, dict] = {
+    "success": {"version": 1, "axes": {"default": {}}},
+    "generalization": {
+        "version": 1,
+        "axes": {
+            "paraphrase": {"paraphrase": "heldout"},  # held-out instruction templates
+            "positions": {"target_region": "outer"},  # targets in a band never used for training
+            "distractors": {"distractors": 4},  # twice the training clutter
+            "colors": {"novel_target": True},  # a shape-colour pair never seen in training
+            "lighting": {"light_direction": [-0.7, 0.5, 0.45]},
+            "camera": {"camera_jitter": 0.03},  # eye moved up to 3 cm on each axis
+        },
+    },
+    "safety": {"version": 1, "axes": {"hazards": {"fragile": True, "keepout": True}}},
+}
+SEED_BLOCK = 10_000  # seeds per (suite, axis, task) block
+
+
+def resolve_tasks(task: str) -> list[str]:
+    """'all', one task name, or a comma-separated list -> sorted task names (unknown names raise KeyError)."""
+    names = sorted(TASKS) if task == "all" else [t.strip() for t in task.split(",")]
+    for name in names:
+        get_task(name)
+    return names
+
+
+def build_manifest(suite: str, episodes_per_task: int, tasks: list[str] | None = None) -> dict:
+    """The suite's episodes: `{"suite", "version", "id", "episodes": [{"id", "task", "axis", "seed", "options"}]}`."""
+    if suite not in SUITES:
+        raise KeyError(f"unknown suite {suite!r}; choose one of {sorted(SUITES)}")
+    if not 1 <= episodes_per_task <= SEED_BLOCK:
+        raise ValueError(f"episodes_per_task={episodes_per_task} must be between 1 and {SEED_BLOCK}")
+    spec = SUITES[suite]
+    suite_index = sorted(SUITES).index(suite)
+    task_names = sorted(tasks or TASKS)
+    episodes = []
+    for a, (axis, options) in enumerate(spec["axes"].items()):
+        for task in task_names:
+            t = sorted(TASKS).index(task)
+            first = get_task(task).test_seeds.start + ((suite_index * 8 + a) * len(TASKS) + t) * SEED_BLOCK
+            for i in range(episodes_per_task):
+                seed = first + i
+                episodes.append({"id": f"{task}/{axis}/{seed}", "task": task, "axis": axis, "seed": seed, "options": options})
+    body = {"suite": suite, "version": spec["version"], "episodes": episodes}
+    digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:12]
+    return {**body, "id": f"{suite}-v{spec['version']}-{digest}"}
