@@ -9,8 +9,7 @@ import os
 import sys
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
-from transformers.utils import logging as hf_logging
+from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf
 
 from vla.dataset import DatasetError
 from vla.train import SFTConfig, SFTError, register_configs, train
@@ -20,6 +19,8 @@ from vla.train import SFTConfig, SFTError, register_configs, train
 def main(cfg: DictConfig) -> None:
     try:
         sft: SFTConfig = OmegaConf.to_object(cfg)  # runs the __post_init__ checks
+    except MissingMandatoryValue as e:
+        sys.exit(f"error: {e.full_key} is required; pass {e.full_key}=PATH")
     except ValueError as e:
         sys.exit(f"error: invalid config: {e}")
     try:
@@ -30,6 +31,5 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # DataLoader workers fork after BPE training
-    hf_logging.disable_progress_bar()  # save_pretrained's shard bar would break our progress bar
     register_configs()
     main()
