@@ -1,0 +1,92 @@
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from evaluate import EvalConfig, evaluate  # noqa: E402
+from policy_factory import PolicySpec  # noqa: E402
+
+from tasks.evaluation import RESULTS_FILE, evaluate_manifest, load_results  # noqa: E402
+from tasks.suites import build_manifest  # noqa: E402
+from vla.checkpoint import save_checkpoint  # noqa: E402
+from vla.action_tokenizer import ActionTokenizer  # noqa: E402
+from vla.model import VLAModelConfig, build_vla  # noqa: E402
+from vla.text_tokenizer import action_token_offset, build_tokenizer  # noqa: E402
+
+
+def _cfg(tmp_path, name, **kw):
+    base = dict(policy="expert", suite="success", task="reach,pick", episodes_per_task=2, workers=1, videos=0,
+                image_size=48, output_dir=str(tmp_path / name))
+    base.update(kw)
+    return EvalConfig(**base)
+
+
+@pytest.mark.slow
+def test_metrics_do_not_depend_on_the_number_of_workers(tmp_path):
+    one = evaluate(_cfg(tmp_path, "one", suite="safety"))
+    two = evaluate(_cfg(tmp_path, "two", suite="safety", workers=2))
+    strip = lambda d: {k: v for k, v in d.items() if k not in ("seconds", "episodes_per_minute")}  # noqa: E731
+    assert strip(one) == strip(two)
+    m1 = json.loads((tmp_path / "one" / "metrics.json").read_text())
+    m2 = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert m1 == m2
+
+
+@pytest.mark.slow
+def test_expert_passes_the_safety_suite_with_zero_events_and_random_fails(tmp_path):
+    expert = evaluate(_cfg(tmp_path, "expert", suite="safety", task="all", videos=1))
+    assert expert["success_rate"] == 1.0 and expert["safety_events_per_episode"] == 0.0
+    report = (tmp_path / "expert" / "report.md").read_text()
+    assert "safety-v1" in report and "Wilson" in report and ".gif" in report
+    assert list((tmp_path / "expert" / "videos").glob("*.gif"))
+    rand = evaluate(_cfg(tmp_path, "random", policy="random", suite="safety", task="all", baseline=str(tmp_path / "expert")))
+    assert rand["success_rate"] == 0.0
+    assert rand["comparison"]["verdict_success"].startswith("random succeeds less often than expert")
+    metrics = json.loads((tmp_path / "random" / "metrics.json").read_text())
+    assert metrics["comparison"]["success"]["mcnemar"]["b01"] == 10
+
+
+def test_an_interrupted_evaluation_resumes_from_finished_episodes(tmp_path):
+    manifest = build_manifest("success", 2, ["reach"])
+    out = tmp_path / "ev"
+    rows = evaluate_manifest(manifest, PolicySpec("expert"), out, image_size=48)
+    lines = (out / RESULTS_FILE).read_text().splitlines()
+    (out / RESULTS_FILE).write_text(lines[0] + "\n" + lines[1][: len(lines[1]) // 2])  # cut mid-line by a crash
+    assert list(load_results(out)) == [rows[0]["id"]]
+    again = evaluate_manifest(manifest, PolicySpec("expert"), out, image_size=48)
+    assert again == rows
+
+
+def test_bad_inputs_are_refused_before_any_work(tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither 'expert', 'random' nor a checkpoint"):
+        evaluate(_cfg(tmp_path, "x", policy=str(tmp_path)))
+    with pytest.raises(KeyError, match="unknown suite"):
+        evaluate(_cfg(tmp_path, "x", suite="speed"))
+    evaluate(_cfg(tmp_path, "base", task="reach", episodes_per_task=1))
+    with pytest.raises(ValueError, match="was evaluated on success-v1"):
+        evaluate(_cfg(tmp_path, "x", task="reach", episodes_per_task=2, baseline=str(tmp_path / "base")))
+    assert not (tmp_path / "x").exists()
+    with pytest.raises(ValueError, match="holds an evaluation of expert"):
+        evaluate(_cfg(tmp_path, "base", policy="random", task="reach", episodes_per_task=1))
+
+
+@pytest.mark.slow
+def test_a_vla_checkpoint_reports_calibration(tmp_path):
+    instructions = ["touch the red cube", "reach for the blue bar"]
+    tok = build_tokenizer([f"In: What action should the robot take to {i}?\nOut:" for i in instructions], vocab_size=300)
+    cfg = VLAModelConfig(image_size=48, vision_hidden_size=32, vision_layers=1, vision_heads=2,
+                         vision_intermediate_size=64, text_hidden_size=32, text_layers=1, text_heads=2,
+                         text_intermediate_size=64)
+    rng = np.random.default_rng(0)
+    actions = rng.uniform(-0.03, 0.03, (500, 7)).astype(np.float32)
+    actions[:, 6] = rng.integers(0, 2, 500)
+    save_checkpoint(build_vla(cfg, tok), {"demo": ActionTokenizer.fit(actions, action_token_offset(tok))}, tmp_path / "ckpt")
+    out = evaluate(_cfg(tmp_path, "vla", policy=str(tmp_path / "ckpt"), task="reach", episodes_per_task=3, workers=2))
+    metrics = json.loads((tmp_path / "vla" / "metrics.json").read_text())
+    assert metrics["calibration"]["n"] == 3 and 0 <= metrics["calibration"]["ece"] <= 1
+    assert out["ece"] == metrics["calibration"]["ece"] and (tmp_path / "vla" / "reliability.png").stat().st_size > 0

@@ -1,0 +1,38 @@
+import pytest
+
+import tasks
+from tasks.suites import SUITES, build_manifest, resolve_tasks
+
+
+@pytest.mark.parametrize("suite", sorted(SUITES))
+def test_manifests_are_fixed_and_use_only_held_out_seeds(suite):
+    a = build_manifest(suite, 5)
+    b = build_manifest(suite, 5)
+    assert a == b and a["id"].startswith(f"{suite}-v")
+    ids = [e["id"] for e in a["episodes"]]
+    assert len(ids) == len(set(ids)) == 5 * len(tasks.TASKS) * len(SUITES[suite]["axes"])
+    for e in a["episodes"]:
+        task = tasks.get_task(e["task"])
+        assert e["seed"] in task.test_seeds and e["seed"] not in task.train_seeds
+
+
+def test_suites_do_not_share_seeds_and_subsets_keep_their_episodes():
+    seeds = [{(e["task"], e["seed"]) for e in build_manifest(s, 20)["episodes"]} for s in SUITES]
+    assert all(not (x & y) for i, x in enumerate(seeds) for y in seeds[i + 1 :])
+    full = build_manifest("success", 3)
+    sub = build_manifest("success", 3, ["pick"])
+    assert sub["episodes"] == [e for e in full["episodes"] if e["task"] == "pick"] and sub["id"] != full["id"]
+
+
+def test_generalization_has_one_axis_per_variation():
+    axes = set(SUITES["generalization"]["axes"])
+    assert axes == {"paraphrase", "positions", "distractors", "colors", "lighting", "camera"}
+
+
+def test_unknown_names_fail_clearly():
+    with pytest.raises(KeyError, match="unknown suite"):
+        build_manifest("speed", 3)
+    with pytest.raises(KeyError, match="unknown task"):
+        resolve_tasks("pick,juggle")
+    with pytest.raises(ValueError, match="episodes_per_task"):
+        build_manifest("success", 0)
