@@ -503,7 +503,7 @@ def _build_model(cfg: SFTConfig, ds: LeRobotDataset, resume_from: Path | None) -
     return vla, action_tok
 
 
-def _make_optimizer(model: torch.nn.Module, tc: TrainConfig) -> tuple[list, torch.optim.AdamW, LambdaLR]:
+def make_optimizer(model: torch.nn.Module, tc: TrainConfig) -> tuple[list, torch.optim.AdamW, LambdaLR]:
     """(trainable params, AdamW with decay on matrices and embeddings only, warmup + cosine to lr * min_lr_ratio)."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
@@ -524,7 +524,7 @@ def _diagnostics_table(tok: ActionTokenizer, diag: dict, names: list[str]) -> st
     return "\n".join(lines)
 
 
-class _Logger:
+class MetricsLogger:
     """Rank 0's metrics.jsonl, TensorBoard and console lines; other ranks log nothing."""
 
     def __init__(self, out: Path, rank: int, start_step: int):
@@ -595,7 +595,7 @@ def _train(cfg: SFTConfig, env: _Dist) -> dict:
                         if val_frames else ())
 
     model = vla.model.to(env.device).train()
-    params, optimizer, scheduler = _make_optimizer(model, tc)
+    params, optimizer, scheduler = make_optimizer(model, tc)
     position = {"step": 0, "epoch": 0, "batch": 0, "world_size": env.world, "samples_seen": 0}
     if resume_from is not None:
         position = restore_trainer_state(resume_from, optimizer, scheduler)
@@ -617,7 +617,7 @@ def _train(cfg: SFTConfig, env: _Dist) -> dict:
         diag = action_tok.diagnostics(frames.actions[train_frames])
         (out / "action_diagnostics.json").write_text(json.dumps(diag))
         tqdm.write(_diagnostics_table(action_tok, diag, names))
-    log = _Logger(out, env.rank, position["step"])
+    log = MetricsLogger(out, env.rank, position["step"])
 
     ddp = DistributedDataParallel(model, broadcast_buffers=False) if env.world > 1 else model
     on_cuda = env.device.type == "cuda"
