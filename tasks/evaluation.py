@@ -118,6 +118,6 @@ def evaluate_manifest(
                 sink.flush()
                 done[row["id"]] = row
                 wins += row["success"]
+                bar.set_postfix(success=f"{wins / len(done):.0%}", refresh=False)
                 bar.update()
-                bar.set_postfix(success=f"{wins / len(done):.0%}")
     return [done[e["id"]] for e in episodes]
