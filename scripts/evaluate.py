@@ -35,6 +35,7 @@ class EvalConfig:
     episodes_per_task: int = 20
     workers: int = 2
     videos: int = 2
+    batch: int = 8
     baseline: str | None = None
     temperature: float = 0.0
     unnorm_key: str | None = None
@@ -42,8 +43,8 @@ class EvalConfig:
     output_dir: str = "reports/success"
 
     def __post_init__(self) -> None:
-        if self.workers < 1 or self.videos < 0:
-            raise ValueError(f"workers={self.workers} must be >= 1 and videos={self.videos} >= 0")
+        if self.workers < 1 or self.batch < 1 or self.videos < 0:
+            raise ValueError(f"workers={self.workers} and batch={self.batch} must be >= 1, videos={self.videos} >= 0")
         if self.temperature < 0:
             raise ValueError(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
 
@@ -89,7 +90,7 @@ def evaluate(cfg: EvalConfig, command: str = "python scripts/evaluate.py") -> di
         (out / stale).unlink(missing_ok=True)
 
     start = time.perf_counter()
-    run = dict(workers=cfg.workers, videos=cfg.videos, image_size=cfg.image_size)
+    run = dict(workers=cfg.workers, videos=cfg.videos, image_size=cfg.image_size, batch=cfg.batch)
     rows = evaluate_manifest(manifest, spec, out, desc=f"{Path(spec.name).name} {cfg.suite}", **run)
     seconds = time.perf_counter() - start
     comparison = None

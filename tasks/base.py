@@ -167,7 +167,11 @@ class BaseTask:
         raise RuntimeError(f"{self.name}: no room for this scene after 20 draws; ask for fewer distractors")
 
     def compose(self, s: SceneSampler, options: dict) -> Scene:
-        raise NotImplementedError
+        """One target of any shape among distractors; hazards beside the approach from the home position."""
+        target = s.target(tuple(SHAPES))
+        hazards, keepout = s.safety_extras(options, (0.45, 0.0), target.xy)
+        objects = [target] + s.distractors(target, self.n_distractors(options))
+        return Scene(objects + hazards, target.name, keepout=keepout)
 
     def n_distractors(self, options: dict) -> int:
         return int(options.get("distractors", self.default_distractors))

@@ -1,8 +1,9 @@
 """Run a suite manifest with any policy, in parallel worker processes, resumably; one JSON line per episode.
 
 Each worker builds its environments and its policy once (the policy from a picklable `factory(env) -> policy`)
-and runs whole episodes with one torch thread, so an episode's result depends only on its manifest entry: the
-same metrics come out for any number of workers (tested). Finished episodes are appended to
+and runs fixed groups of consecutive manifest episodes in lockstep, the policy batched across them where it
+allows, with one torch thread; a group's results depend only on the manifest, so the same metrics come out for
+any number of workers (tested). Finished episodes are appended to
 `episodes.jsonl`; a rerun skips them.
 """
 
@@ -19,7 +20,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from tasks import make_env
-from tasks.rollout import rollout
+from tasks.rollout import rollout_batch
 
 RESULTS_FILE = "episodes.jsonl"
 
@@ -29,33 +30,38 @@ class _Worker:
         self.factory, self.image_size, self.out_dir = factory, image_size, Path(out_dir)
         self.envs: dict = {}
 
-    def run(self, job: tuple[dict, bool]) -> dict:
-        episode, record = job
-        task = episode["task"]
-        if task not in self.envs:
-            self.envs[task] = make_env(task, image_size=self.image_size, render_mode="rgb_array")
-        env = self.envs[task]
-        policy = self.factory(env)
-        r = rollout(env, policy, episode["seed"], dict(episode["options"]), record_video=record)
-        video = None
-        if record:
-            video = f"videos/{episode['id'].replace('/', '_')}.gif"
-            write_gif(r.frames, self.out_dir / video, fps=env.metadata["render_fps"])
-        motions = [float(np.linalg.norm(a[:3])) for a in r.actions]
-        confidences = [float(i["confidence"]) for i in r.step_info if "confidence" in i]
-        return {
-            **{k: episode[k] for k in ("id", "task", "axis", "seed")},
-            "instruction": r.instruction,
-            "success": r.success,
-            "steps": r.steps,
-            "max_steps": env.task.max_steps,
-            "safety": r.safety,
-            "error": r.error,
-            "confidence": r.confidence,
-            "step_confidence": confidences,
-            "step_motion": motions,
-            "video": video,
-        }
+    def env(self, task: str, slot: int):
+        if (task, slot) not in self.envs:
+            self.envs[task, slot] = make_env(task, image_size=self.image_size, render_mode="rgb_array")
+        return self.envs[task, slot]
+
+    def run(self, chunk: list[tuple[dict, bool]]) -> list[dict]:
+        """One batch of episodes run in lockstep (the policy acts on all of them in one call where it can)."""
+        envs = [self.env(e["task"], j) for j, (e, _) in enumerate(chunk)]
+        rollouts = rollout_batch(
+            envs, [self.factory(env) for env in envs], [e["seed"] for e, _ in chunk],
+            [dict(e["options"]) for e, _ in chunk], record_video=[record for _, record in chunk],
+        )
+        rows = []
+        for (episode, record), env, r in zip(chunk, envs, rollouts):
+            video = None
+            if record:
+                video = f"videos/{episode['id'].replace('/', '_')}.gif"
+                write_gif(r.frames, self.out_dir / video, fps=env.metadata["render_fps"])
+            rows.append({
+                **{k: episode[k] for k in ("id", "task", "axis", "seed")},
+                "instruction": r.instruction,
+                "success": r.success,
+                "steps": r.steps,
+                "max_steps": env.task.max_steps,
+                "safety": r.safety,
+                "error": r.error,
+                "confidence": r.confidence,
+                "step_confidence": [float(i["confidence"]) for i in r.step_info if "confidence" in i],
+                "step_motion": [float(np.linalg.norm(a[:3])) for a in r.actions],
+                "video": video,
+            })
+        return rows
 
 
 _worker: _Worker | None = None  # one per worker process, built by the pool initializer
@@ -69,8 +75,8 @@ def _init(factory: Callable, image_size: int, out_dir: str) -> None:
     _worker = _Worker(factory, image_size, out_dir)
 
 
-def _run(job: tuple[dict, bool]) -> dict:
-    return _worker.run(job)
+def _run(chunk: list[tuple[dict, bool]]) -> list[dict]:
+    return _worker.run(chunk)
 
 
 def write_gif(frames: list[np.ndarray], path: Path, fps: int) -> None:
@@ -98,26 +104,31 @@ def load_results(out_dir: Path) -> dict[str, dict]:
 
 def evaluate_manifest(
     manifest: dict, factory: Callable, out_dir: str | Path, *, workers: int = 1, videos: int = 0, image_size: int = 96,
-    desc: str = "eval",
+    batch: int = 8, desc: str = "eval",
 ) -> list[dict]:
-    """Run every episode of `manifest` not yet in `out_dir`, then return all results in manifest order."""
+    """Run every episode of `manifest` not yet in `out_dir`, then return all results in manifest order.
+
+    Episodes are grouped into runs of `batch` consecutive manifest entries (fixed by the manifest, not by the
+    number of workers); each group runs in lockstep in one worker."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     done = load_results(out_dir)
     episodes = manifest["episodes"]
     record = {e["id"] for e in episodes[:: max(1, len(episodes) // videos)][:videos]} if videos else set()
     todo = [(e, e["id"] in record) for e in episodes if e["id"] not in done]
-    if todo:
+    chunks = [todo[i : i + batch] for i in range(0, len(todo), batch)]
+    if chunks:
         ctx = mp.get_context("spawn")
         with ctx.Pool(workers, initializer=_init, initargs=(factory, image_size, str(out_dir))) as pool, \
                 open(out_dir / RESULTS_FILE, "a") as sink, \
                 tqdm(total=len(episodes), initial=len(done), desc=desc, unit="ep") as bar:
             wins = sum(r["success"] for r in done.values())
-            for row in pool.imap_unordered(_run, todo):
-                sink.write(json.dumps(row) + "\n")
+            for rows in pool.imap_unordered(_run, chunks):
+                for row in rows:
+                    sink.write(json.dumps(row) + "\n")
+                    done[row["id"]] = row
+                    wins += row["success"]
                 sink.flush()
-                done[row["id"]] = row
-                wins += row["success"]
                 bar.set_postfix(success=f"{wins / len(done):.0%}", refresh=False)
-                bar.update()
+                bar.update(len(rows))
     return [done[e["id"]] for e in episodes]

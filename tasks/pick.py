@@ -6,8 +6,7 @@ from dataclasses import dataclass
 
 
 from sim.env import TabletopEnv
-from sim.scene import SHAPES, Scene
-from tasks.base import BaseTask, SceneSampler, Motion, grasp_yaw
+from tasks.base import BaseTask, Motion, grasp_yaw
 
 LIFT = 0.05  # m above the start height
 
@@ -40,12 +39,6 @@ class PickTask(BaseTask):
         "grasp the {target} and lift it up",
         "raise the {target} into the air",
     )
-
-    def compose(self, s: SceneSampler, options: dict) -> Scene:
-        target = s.target(tuple(SHAPES))
-        hazards, keepout = s.safety_extras(options, (0.45, 0.0), target.xy)
-        objects = [target] + s.distractors(target, self.n_distractors(options))
-        return Scene(objects + hazards, target.name, keepout=keepout)
 
     def success(self, env: TabletopEnv) -> bool:
         return lifted(env, env.scene.target)

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from sim.env import TabletopEnv
-from sim.scene import SHAPES, Scene, shape_of
-from tasks.base import BaseTask, SceneSampler, Motion
+from sim.scene import shape_of
+from tasks.base import BaseTask, Motion
 
 TOUCH_RADIUS = 0.03  # m between the fingertip centre and the top centre of the target
 
@@ -25,12 +25,6 @@ class ReachTask(BaseTask):
         "move the gripper to the {target}",
         "tap the top of the {target}",
     )
-
-    def compose(self, s: SceneSampler, options: dict) -> Scene:
-        target = s.target(tuple(SHAPES))
-        hazards, keepout = s.safety_extras(options, (0.45, 0.0), target.xy)
-        objects = [target] + s.distractors(target, self.n_distractors(options))
-        return Scene(objects + hazards, target.name, keepout=keepout)
 
     @staticmethod
     def top(env: TabletopEnv) -> np.ndarray:

@@ -37,33 +37,63 @@ class Rollout:
 
 
 def rollout(
-    env: TabletopEnv | gym.Env, policy, seed: int, options: dict | None = None, max_steps: int | None = None, record_video: bool = False
+    env: TabletopEnv | gym.Env, policy, seed: int, options: dict | None = None, max_steps: int | None = None,
+    record_video: bool = False,
 ) -> Rollout:
     """Reset `env` and `policy` with `seed` (env with `options`), then step until success, error or the budget."""
-    core = env.unwrapped
-    obs, info = env.reset(seed=seed, options=options)
-    policy.reset(seed=seed)
-    budget = max_steps or core.task.max_steps
-    images, states, actions, step_info, frames = [], [], [], [], []
-    success, error, steps = False, None, 0
-    safety = dict(core.monitor.totals)
-    if record_video:
-        frames.append(env.render())
-    while steps < budget:
-        action, pinfo = policy.act(obs)
-        images.append(obs["image"])
-        states.append(obs["state"])
-        actions.append(np.asarray(action, dtype=np.float32))
-        step_info.append(pinfo)
-        obs, _, terminated, truncated, info = env.step(action)
-        steps += 1
-        if record_video:
-            frames.append(env.render())
-        success, error, safety = info["is_success"], info["error"], info["safety_total"]
-        if terminated or truncated:
-            break
-    return Rollout(
-        task=core.task.name, seed=seed, instruction=core.instruction, images=np.stack(images), states=np.stack(states),
-        actions=np.stack(actions), success=bool(success), steps=steps, safety=safety, error=error,
-        step_info=step_info, frames=frames,
-    )
+    return rollout_batch([env], [policy], [seed], [options], max_steps, [record_video])[0]
+
+
+def rollout_batch(
+    envs: list, policies: list, seeds: list[int], options: list[dict | None], max_steps: int | None = None,
+    record_video: list[bool] | None = None,
+) -> list[Rollout]:
+    """Run one episode in each env in lockstep. When every env has the same policy object and it has `act_batch`
+    (the VLA, the random policy), each step is one batched call over the episodes still running; otherwise
+    (scripted experts, one per env) each policy acts on its own env. A shared policy is reset once, with seeds[0]."""
+    n = len(envs)
+    record_video = record_video or [False] * n
+    shared = n > 1 and all(p is policies[0] for p in policies) and hasattr(policies[0], "act_batch")
+    for i, env in enumerate(envs):
+        if not shared:
+            policies[i].reset(seed=seeds[i])
+    if shared:
+        policies[0].reset(seed=seeds[0])
+    obs = [env.reset(seed=s, options=o)[0] for env, s, o in zip(envs, seeds, options)]
+    cores = [env.unwrapped for env in envs]
+    budget = [max_steps or c.task.max_steps for c in cores]
+    logs = [{"images": [], "states": [], "actions": [], "step_info": [], "frames": []} for _ in envs]
+    outcome = [{"success": False, "error": None, "safety": dict(c.monitor.totals)} for c in cores]
+    running = list(range(n))
+    for i in running:
+        if record_video[i]:
+            logs[i]["frames"].append(envs[i].render())
+    while running:
+        if shared:
+            actions, batch_info = policies[0].act_batch([obs[i] for i in running])
+            step = [(actions[j], {k: v[j] for k, v in batch_info.items()}) for j in range(len(running))]
+        else:
+            step = [policies[i].act(obs[i]) for i in running]
+        still = []
+        for i, (action, pinfo) in zip(running, step):
+            log = logs[i]
+            log["images"].append(obs[i]["image"])
+            log["states"].append(obs[i]["state"])
+            log["actions"].append(np.asarray(action, dtype=np.float32))
+            log["step_info"].append(pinfo)
+            obs[i], _, terminated, truncated, info = envs[i].step(action)
+            if record_video[i]:
+                log["frames"].append(envs[i].render())
+            outcome[i] = {"success": info["is_success"], "error": info["error"], "safety": info["safety_total"]}
+            if not (terminated or truncated or len(log["actions"]) >= budget[i]):
+                still.append(i)
+        running = still
+    return [
+        Rollout(
+            task=c.task.name, seed=s, instruction=c.instruction, images=np.stack(log["images"]),
+            states=np.stack(log["states"]), actions=np.stack(log["actions"]), success=bool(out["success"]),
+            steps=len(log["actions"]), safety=out["safety"], error=out["error"], step_info=log["step_info"],
+            frames=log["frames"],
+        )
+        for c, s, log, out in zip(cores, seeds, logs, outcome)
+    ]

@@ -52,7 +52,7 @@ from vla.train import (
     STATE_TENSORS,
     EpochBatchSampler,
     MetricsLogger,
-    latest_checkpoint,
+    check_output_dir,
     make_optimizer,
     prune_checkpoints,
     restore_trainer_state,
@@ -352,24 +352,12 @@ def _check_known_keys(cfg: DPOConfig) -> None:
         raise DPOError(f"unknown config key {extra[0]}; check its spelling against vla.dpo.DPOConfig")
 
 
+RESUME_KEYS = ("policy", "preferences", "level", "loss_type", "beta", "alpha", "unnorm_key")
+
+
 def _config_record(cfg: DPOConfig) -> dict:
     return {**asdict(cfg), "policy": str(Path(cfg.policy).resolve()),
             "preferences": str(Path(cfg.preferences).resolve())}
-
-
-def _check_output_dir(cfg: DPOConfig, out: Path) -> Path | None:
-    """The checkpoint to resume from (None: start fresh); raise if ``out`` holds a run we must not overwrite."""
-    held = [p.name for p in (out / "checkpoints", out / "final", out / "summary.json") if p.exists()]
-    if held and not cfg.resume:
-        raise DPOError(f"{out} already holds a run ({', '.join(held)}); pass resume=true to continue or choose "
-                       "another output_dir")
-    if cfg.resume and (out / "config.json").is_file():
-        before, now = json.loads((out / "config.json").read_text()), _config_record(cfg)
-        for key in ("policy", "preferences", "level", "loss_type", "beta", "alpha", "unnorm_key"):
-            if before.get(key) != now[key]:
-                raise DPOError(f"resume=true but {out} was trained with {key}={before.get(key)}, not {now[key]}; "
-                               "resume with the same settings, or choose another output_dir")
-    return latest_checkpoint(out / "checkpoints") if cfg.resume else None
 
 
 def _open_policy(path: str, unnorm_key: str | None) -> tuple[dict[str, ActionTokenizer], ActionTokenizer]:
@@ -418,7 +406,7 @@ def train_dpo(cfg: DPOConfig) -> dict:
         raise DPOError(f"{len(train_pairs)} training pairs cannot fill one batch of batch_size={cfg.batch_size}; "
                        "lower batch_size or val_fraction, or collect more starts")
 
-    resume_from = _check_output_dir(cfg, out)
+    resume_from = check_output_dir(out, cfg.resume, _config_record(cfg), RESUME_KEYS, DPOError)
     if resume_from is not None and not (out / REFERENCE_FILE).is_file():
         raise DPOError(f"{out / REFERENCE_FILE} is missing, so {out} cannot resume; choose another output_dir")
     if resume_from is not None and (out / "summary.json").is_file() \

@@ -466,19 +466,20 @@ def _config_record(cfg: SFTConfig) -> dict:
     return {**asdict(cfg), "dataset_name": Path(cfg.dataset).resolve().name}
 
 
-def _check_output_dir(cfg: SFTConfig, out: Path) -> Path | None:
-    """The checkpoint to resume from (None: start fresh); raise if ``out`` holds a run we must not overwrite."""
+def check_output_dir(out: Path, resume: bool, record: dict, keys: tuple[str, ...], error: type = SFTError) -> Path | None:
+    """The checkpoint to resume from (None: start fresh). Raise `error` if `out` holds a run that must not be
+    overwritten (no resume) or that was trained with other values of `keys` than `record` (resume)."""
     held = [p.name for p in (out / "checkpoints", out / "final", out / "summary.json") if p.exists()]
-    if held and not cfg.resume:
-        raise SFTError(f"{out} already holds a run ({', '.join(held)}); pass resume=true to continue or choose "
-                       "another output_dir")
-    if cfg.resume and (out / "config.json").is_file():
-        before, now = json.loads((out / "config.json").read_text()), _config_record(cfg)
-        for key in ("dataset_name", "model"):
-            if before.get(key) != now[key]:
-                raise SFTError(f"resume=true but {out} was trained with {key}={before.get(key)}, not {now[key]}; "
-                               "resume with the same dataset and model, or choose another output_dir")
-    return latest_checkpoint(out / "checkpoints") if cfg.resume else None
+    if held and not resume:
+        raise error(f"{out} already holds a run ({', '.join(held)}); pass resume=true to continue or choose "
+                    "another output_dir")
+    if resume and (out / "config.json").is_file():
+        before = json.loads((out / "config.json").read_text())
+        for key in keys:
+            if before.get(key) != record[key]:
+                raise error(f"resume=true but {out} was trained with {key}={before.get(key)}, not {record[key]}; "
+                            "resume with the same settings, or choose another output_dir")
+    return latest_checkpoint(out / "checkpoints") if resume else None
 
 
 def _build_model(cfg: SFTConfig, ds: LeRobotDataset, resume_from: Path | None) -> tuple[VLA, ActionTokenizer]:
@@ -576,7 +577,7 @@ def train(cfg: SFTConfig) -> dict:
 def _train(cfg: SFTConfig, env: _Dist) -> dict:
     t0, tc, out = time.perf_counter(), cfg.train, Path(cfg.output_dir)
     ds = open_dataset(cfg.dataset)
-    resume_from = _check_output_dir(cfg, out)
+    resume_from = check_output_dir(out, cfg.resume, _config_record(cfg), ("dataset_name", "model"))
     finished = resume_from is not None and json.loads((resume_from / STATE_FILE).read_text())["step"] == tc.steps
     if finished and (out / "summary.json").is_file():
         tqdm.write(f"{out} already finished {tc.steps} steps; raise train.steps to train further")
