@@ -47,20 +47,17 @@ from vla.action_tokenizer import ActionTokenizer
 from vla.checkpoint import ACTION_STATS_FILE, load_action_tokenizers, pick_action_tokenizer, save_checkpoint
 from vla.dataset import LeRobotDataset
 from vla.model import IGNORE_INDEX, VLA, build_inputs, load_model, model_inputs
-from vla.train import (
+from vla.run_state import (
     STATE_FILE,
     STATE_TENSORS,
-    EpochBatchSampler,
-    MetricsLogger,
     check_output_dir,
-    make_optimizer,
     prune_checkpoints,
     restore_trainer_state,
-    split_episodes,
     trainer_state,
     weights_digest,
     write_atomically,
 )
+from vla.train import EpochBatchSampler, MetricsLogger, make_optimizer, split_episodes
 
 PAIRS_FILE = "pairs.parquet"  # pair_index, start_index, chosen, rejected (episode indices), scores, axis, reason
 ROLLOUTS_FILE = "rollouts.parquet"  # one row per episode: episode_index, token_ids (T, D), scores, ...

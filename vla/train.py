@@ -17,15 +17,13 @@ the scheduler and the global RNGs (safetensors for tensors, JSON for the rest; n
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
-import re
 import shutil
 import tempfile
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -34,24 +32,31 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from hydra.core.config_store import ConfigStore
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
-from transformers.utils import logging as hf_logging
 
 from vla.action_tokenizer import GRIPPER_DIM, ActionTokenizer
 from vla.checkpoint import save_checkpoint
 from vla.dataset import DatasetError, DatasetWriter, Episode, LeRobotDataset
 from vla.model import PROMPT_TEMPLATE, VLA, VLAModelConfig, build_inputs, build_vla, load_model, model_inputs
+from vla.run_state import (
+    STATE_FILE,
+    STATE_TENSORS,
+    check_output_dir,
+    no_hf_progress_bars,
+    prune_checkpoints,
+    restore_trainer_state,
+    trainer_state,
+    weights_digest,
+    write_atomically,
+)
 from vla.text_tokenizer import action_token, action_token_offset, build_tokenizer
 
-STATE_FILE = "trainer_state.json"
-STATE_TENSORS = "trainer_state.safetensors"
-_STEP_DIR = re.compile(r"step-(\d+)")
 _SHUFFLE, _AUGMENT, _SPLIT = 0, 1, 2  # independent random streams
 SHIFT, BRIGHTNESS, CONTRAST = 0.06, 0.15, 0.15  # augmentation: max shift (fraction of the side), jitter ranges
 
@@ -331,104 +336,6 @@ def evaluate(model: torch.nn.Module, batches, meter: Meter, device: torch.device
     return meter.reduce()
 
 
-def weights_digest(model: torch.nn.Module) -> str:
-    """SHA-256 of every state-dict tensor's bytes, in key order: equal digests mean bit-identical weights."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-# ---- trainer state and checkpoints ----
-
-
-def trainer_state(optimizer, scheduler, position: dict) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(JSON structure, tensors) of optimizer, scheduler, RNGs and data position, for ``restore_trainer_state``."""
-    opt = optimizer.state_dict()
-    tensors = {f"optimizer.{i}.{k}": v.detach().cpu().contiguous()
-               for i, s in opt["state"].items() for k, v in s.items()}
-    np_state = np.random.get_state()
-    tensors["rng.torch"] = torch.get_rng_state()
-    tensors["rng.numpy"] = torch.from_numpy(np_state[1].astype(np.int64))
-    if torch.cuda.is_available():
-        tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
-    state = {
-        **position,
-        "optimizer": {"param_groups": opt["param_groups"],
-                      "state": {str(i): sorted(s) for i, s in opt["state"].items()}},
-        "scheduler": scheduler.state_dict(),
-        "rng": {"python": random.getstate(), "numpy": [np_state[0], *np_state[2:]]},
-    }
-    return state, tensors
-
-
-def restore_trainer_state(path: Path, optimizer, scheduler) -> dict:
-    """Load optimizer, scheduler and RNGs from checkpoint ``path``; return its data position."""
-    state = json.loads((path / STATE_FILE).read_text())
-    tensors = load_file(path / STATE_TENSORS)
-    opt = state["optimizer"]
-    optimizer.load_state_dict({
-        "state": {int(i): {k: tensors[f"optimizer.{i}.{k}"] for k in keys} for i, keys in opt["state"].items()},
-        "param_groups": opt["param_groups"],
-    })
-    scheduler.load_state_dict(state["scheduler"])
-    version, internal, gauss = state["rng"]["python"]
-    random.setstate((version, tuple(internal), gauss))
-    name, pos, has_gauss, cached = state["rng"]["numpy"]
-    np.random.set_state((name, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(tensors["rng.torch"])
-    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
-    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
-    return {k: state[k] for k in ("step", "epoch", "batch", "world_size", "samples_seen")}
-
-
-def latest_checkpoint(checkpoints: Path) -> Path | None:
-    """The highest complete ``step-N`` under ``checkpoints`` (``.tmp-*`` and incomplete dirs ignored)."""
-    found = []
-    for path in checkpoints.glob("step-*") if checkpoints.is_dir() else ():
-        match = _STEP_DIR.fullmatch(path.name)
-        if match and all((path / f).is_file() for f in (STATE_FILE, STATE_TENSORS, "model.safetensors")):
-            found.append((int(match.group(1)), path))
-    return max(found)[1] if found else None
-
-
-@contextmanager
-def _no_hf_progress_bars():
-    """Silence transformers' "Writing model shards" bar, which would break our progress bar, then restore it."""
-    enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            hf_logging.enable_progress_bar()
-
-
-def write_atomically(target: Path, write) -> None:
-    """Call ``write(tmp)`` on ``.tmp-<name>`` beside ``target``, fsync its files, then move it onto ``target``."""
-    tmp = target.with_name(f".tmp-{target.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    with _no_hf_progress_bars():
-        write(tmp)
-    for file in tmp.iterdir():
-        with open(file, "rb+") as f:
-            os.fsync(f.fileno())
-    if target.exists():  # a stale directory of our own run: os.replace cannot replace a non-empty one
-        stale = target.with_name(f".tmp-stale-{target.name}")
-        shutil.rmtree(stale, ignore_errors=True)
-        os.replace(target, stale)
-        shutil.rmtree(stale)
-    os.replace(tmp, target)
-
-
-def prune_checkpoints(checkpoints: Path, keep: int) -> None:
-    steps = sorted((int(m.group(1)), p) for p in checkpoints.iterdir() if (m := _STEP_DIR.fullmatch(p.name)))
-    for _, path in steps[:-keep]:
-        shutil.rmtree(path)
-
-
 # ---- the run ----
 
 
@@ -466,30 +373,14 @@ def _config_record(cfg: SFTConfig) -> dict:
     return {**asdict(cfg), "dataset_name": Path(cfg.dataset).resolve().name}
 
 
-def check_output_dir(out: Path, resume: bool, record: dict, keys: tuple[str, ...], error: type = SFTError) -> Path | None:
-    """The checkpoint to resume from (None: start fresh). Raise `error` if `out` holds a run that must not be
-    overwritten (no resume) or that was trained with other values of `keys` than `record` (resume)."""
-    held = [p.name for p in (out / "checkpoints", out / "final", out / "summary.json") if p.exists()]
-    if held and not resume:
-        raise error(f"{out} already holds a run ({', '.join(held)}); pass resume=true to continue or choose "
-                    "another output_dir")
-    if resume and (out / "config.json").is_file():
-        before = json.loads((out / "config.json").read_text())
-        for key in keys:
-            if before.get(key) != record[key]:
-                raise error(f"resume=true but {out} was trained with {key}={before.get(key)}, not {record[key]}; "
-                            "resume with the same settings, or choose another output_dir")
-    return latest_checkpoint(out / "checkpoints") if resume else None
-
-
 def _build_model(cfg: SFTConfig, ds: LeRobotDataset, resume_from: Path | None) -> tuple[VLA, ActionTokenizer]:
     """The VLA (resumed, pretrained or new) and the action tokenizer of the dataset's stats in its vocabulary."""
     tc = cfg.train
     if resume_from is not None:
-        with _no_hf_progress_bars():
+        with no_hf_progress_bars():
             vla = load_model(resume_from)
     elif cfg.model.pretrained:
-        with _no_hf_progress_bars():
+        with no_hf_progress_bars():
             vla = load_pretrained(cfg.model.pretrained, tc.action_bins)
     else:  # byte-level BPE on the filled prompts: the template's words become single tokens, any text encodes
         prompts = sorted({PROMPT_TEMPLATE.format(instruction=text) for text in ds.instructions})
@@ -577,7 +468,7 @@ def train(cfg: SFTConfig) -> dict:
 def _train(cfg: SFTConfig, env: _Dist) -> dict:
     t0, tc, out = time.perf_counter(), cfg.train, Path(cfg.output_dir)
     ds = open_dataset(cfg.dataset)
-    resume_from = check_output_dir(out, cfg.resume, _config_record(cfg), ("dataset_name", "model"))
+    resume_from = check_output_dir(out, cfg.resume, _config_record(cfg), ("dataset_name", "model"), SFTError)
     finished = resume_from is not None and json.loads((resume_from / STATE_FILE).read_text())["step"] == tc.steps
     if finished and (out / "summary.json").is_file():
         tqdm.write(f"{out} already finished {tc.steps} steps; raise train.steps to train further")

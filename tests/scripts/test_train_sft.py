@@ -18,7 +18,15 @@ from omegaconf.errors import ValidationError
 from vla.checkpoint import load_checkpoint
 from vla.dataset import DatasetWriter, Episode
 from vla.model import VLAModelConfig
-from vla.train import ModelConfig, SFTConfig, SFTError, TrainConfig, register_configs, train, weights_digest
+from vla.run_state import weights_digest
+from vla.train import (
+    ModelConfig,
+    SFTConfig,
+    SFTError,
+    TrainConfig,
+    register_configs,
+    train,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_RUN = ["model=tiny", "train.batch_size=4", "train.warmup_steps=1", "train.log_every=1", "train.eval_every=2"]

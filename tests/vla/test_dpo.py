@@ -32,10 +32,16 @@ from vla.dpo import (
     sequence_logps,
     train_dpo,
 )
-from vla.model import PROMPT_TEMPLATE, VLAModelConfig, build_inputs, build_vla, load_model
+from vla.model import (
+    PROMPT_TEMPLATE,
+    VLAModelConfig,
+    build_inputs,
+    build_vla,
+    load_model,
+)
 from vla.policy import VLAPolicy
+from vla.run_state import weights_digest
 from vla.text_tokenizer import action_token_offset, build_tokenizer
-from vla.train import weights_digest
 
 TINY = {"image_size": 32, "patch_size": 16, "vision_hidden_size": 32, "vision_layers": 1, "vision_heads": 2,
         "vision_intermediate_size": 64, "text_hidden_size": 32, "text_layers": 2, "text_heads": 2,

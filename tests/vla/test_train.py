@@ -13,6 +13,7 @@ from vla.action_tokenizer import ActionTokenizer
 from vla.checkpoint import load_checkpoint
 from vla.dataset import DatasetError, DatasetWriter, Episode
 from vla.model import PROMPT_TEMPLATE, build_inputs, build_vla, load_model, model_inputs
+from vla.run_state import latest_checkpoint, weights_digest
 from vla.text_tokenizer import action_token_offset, build_tokenizer
 from vla.train import (
     BRIGHTNESS,
@@ -24,10 +25,8 @@ from vla.train import (
     TrainConfig,
     action_logits,
     augment_images,
-    latest_checkpoint,
     split_episodes,
     train,
-    weights_digest,
 )
 
 ACTION_NAMES = ["dx", "dy", "dz", "droll", "dpitch", "dyaw", "gripper"]

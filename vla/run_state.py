@@ -1,0 +1,137 @@
+"""A run directory's state: trainer state for exact resume (safetensors + JSON, no pickles), atomic checkpoint
+directories, the latest complete checkpoint, and the check that a new run never overwrites an old one.
+Shared by SFT (vla/train.py) and DPO (vla/dpo.py)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from transformers.utils import logging as hf_logging
+
+STATE_FILE = "trainer_state.json"
+STATE_TENSORS = "trainer_state.safetensors"
+_STEP_DIR = re.compile(r"step-(\d+)")
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of every state-dict tensor's bytes, in key order: equal digests mean bit-identical weights."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+# ---- trainer state and checkpoints ----
+
+
+def trainer_state(optimizer, scheduler, position: dict) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(JSON structure, tensors) of optimizer, scheduler, RNGs and data position, for ``restore_trainer_state``."""
+    opt = optimizer.state_dict()
+    tensors = {f"optimizer.{i}.{k}": v.detach().cpu().contiguous()
+               for i, s in opt["state"].items() for k, v in s.items()}
+    np_state = np.random.get_state()
+    tensors["rng.torch"] = torch.get_rng_state()
+    tensors["rng.numpy"] = torch.from_numpy(np_state[1].astype(np.int64))
+    if torch.cuda.is_available():
+        tensors.update({f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    state = {
+        **position,
+        "optimizer": {"param_groups": opt["param_groups"],
+                      "state": {str(i): sorted(s) for i, s in opt["state"].items()}},
+        "scheduler": scheduler.state_dict(),
+        "rng": {"python": random.getstate(), "numpy": [np_state[0], *np_state[2:]]},
+    }
+    return state, tensors
+
+
+def restore_trainer_state(path: Path, optimizer, scheduler) -> dict:
+    """Load optimizer, scheduler and RNGs from checkpoint ``path``; return its data position."""
+    state = json.loads((path / STATE_FILE).read_text())
+    tensors = load_file(path / STATE_TENSORS)
+    opt = state["optimizer"]
+    optimizer.load_state_dict({
+        "state": {int(i): {k: tensors[f"optimizer.{i}.{k}"] for k in keys} for i, keys in opt["state"].items()},
+        "param_groups": opt["param_groups"],
+    })
+    scheduler.load_state_dict(state["scheduler"])
+    version, internal, gauss = state["rng"]["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, pos, has_gauss, cached = state["rng"]["numpy"]
+    np.random.set_state((name, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    return {k: state[k] for k in ("step", "epoch", "batch", "world_size", "samples_seen")}
+
+
+def latest_checkpoint(checkpoints: Path) -> Path | None:
+    """The highest complete ``step-N`` under ``checkpoints`` (``.tmp-*`` and incomplete dirs ignored)."""
+    found = []
+    for path in checkpoints.glob("step-*") if checkpoints.is_dir() else ():
+        match = _STEP_DIR.fullmatch(path.name)
+        if match and all((path / f).is_file() for f in (STATE_FILE, STATE_TENSORS, "model.safetensors")):
+            found.append((int(match.group(1)), path))
+    return max(found)[1] if found else None
+
+
+@contextmanager
+def no_hf_progress_bars():
+    """Silence transformers' "Writing model shards" bar, which would break our progress bar, then restore it."""
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
+def write_atomically(target: Path, write) -> None:
+    """Call ``write(tmp)`` on ``.tmp-<name>`` beside ``target``, fsync its files, then move it onto ``target``."""
+    tmp = target.with_name(f".tmp-{target.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with no_hf_progress_bars():
+        write(tmp)
+    for file in tmp.iterdir():
+        with open(file, "rb+") as f:
+            os.fsync(f.fileno())
+    if target.exists():  # a stale directory of our own run: os.replace cannot replace a non-empty one
+        stale = target.with_name(f".tmp-stale-{target.name}")
+        shutil.rmtree(stale, ignore_errors=True)
+        os.replace(target, stale)
+        shutil.rmtree(stale)
+    os.replace(tmp, target)
+
+
+def prune_checkpoints(checkpoints: Path, keep: int) -> None:
+    steps = sorted((int(m.group(1)), p) for p in checkpoints.iterdir() if (m := _STEP_DIR.fullmatch(p.name)))
+    for _, path in steps[:-keep]:
+        shutil.rmtree(path)
+
+
+def check_output_dir(out: Path, resume: bool, record: dict, keys: tuple[str, ...], error: type = ValueError) -> Path | None:
+    """The checkpoint to resume from (None: start fresh). Raise `error` if `out` holds a run that must not be
+    overwritten (no resume) or that was trained with other values of `keys` than `record` (resume)."""
+    held = [p.name for p in (out / "checkpoints", out / "final", out / "summary.json") if p.exists()]
+    if held and not resume:
+        raise error(f"{out} already holds a run ({', '.join(held)}); pass resume=true to continue or choose "
+                    "another output_dir")
+    if resume and (out / "config.json").is_file():
+        before = json.loads((out / "config.json").read_text())
+        for key in keys:
+            if before.get(key) != record[key]:
+                raise error(f"resume=true but {out} was trained with {key}={before.get(key)}, not {record[key]}; "
+                            "resume with the same settings, or choose another output_dir")
+    return latest_checkpoint(out / "checkpoints") if resume else None
