@@ -4,7 +4,7 @@
     python scripts/benchmark.py --only sim --seconds 5
 
 Sections: sim (control steps/s with a 128 px image vs panda-gym PandaPickAndPlace-v3 rendering 128 px; 1 vs 2
-worker processes), policy (one action vs one prompt forward and HF generate), train (SFT step vs a naive
+worker processes), demos (generation frames/s, 1 vs 2 workers), policy (one action vs one prompt forward and HF generate), train (SFT step vs a naive
 transformers forward/backward).
 """
 
@@ -84,6 +84,22 @@ def bench_sim(seconds: float) -> dict:
     }
 
 
+def bench_demos(seconds: float) -> dict:
+    """Demo generation frames/s with 1 and 2 worker processes (pick, 40 episodes, 96 px), spawn start-up included."""
+    import tempfile
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from generate_demos import DemoConfig, generate
+
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for workers in (1, 2):
+            summary = generate(DemoConfig(task="pick", num_episodes=40, workers=workers, output_dir=f"{tmp}/w{workers}"))
+            out[f"frames_per_s_{workers}_worker"] = summary["frames_per_second"]
+    out["two_worker_speedup"] = round(out["frames_per_s_2_worker"] / out["frames_per_s_1_worker"], 2)
+    return out
+
+
 def bench_policy(seconds: float) -> dict:
     sys.path.insert(0, str(ROOT))
     from bench.policy_latency import measure
@@ -97,7 +113,7 @@ def bench_train(seconds: float) -> dict:
     return naive_step_throughput()
 
 
-SECTIONS = {"sim": bench_sim, "policy": bench_policy, "train": bench_train}
+SECTIONS = {"sim": bench_sim, "demos": bench_demos, "policy": bench_policy, "train": bench_train}
 
 
 def main() -> None:
@@ -106,12 +122,13 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0, help="timing window per measurement")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
     args = parser.parse_args()
-    results = {"machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}}
+    out = Path(args.out)
+    results = json.loads(out.read_text()) if out.is_file() else {}  # sections not rerun keep their last figures
+    results["machine"] = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
     for name in args.only:
         print(f"== {name}", flush=True)
         results[name] = SECTIONS[name](args.seconds)
         print(json.dumps(results[name], indent=2), flush=True)
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(results, indent=2))
