@@ -54,11 +54,8 @@ def rollout_batch(
     n = len(envs)
     record_video = record_video or [False] * n
     shared = n > 1 and all(p is policies[0] for p in policies) and hasattr(policies[0], "act_batch")
-    for i, env in enumerate(envs):
-        if not shared:
-            policies[i].reset(seed=seeds[i])
-    if shared:
-        policies[0].reset(seed=seeds[0])
+    for policy, seed in zip(policies[:1] if shared else policies, seeds):
+        policy.reset(seed=seed)
     obs = [env.reset(seed=s, options=o)[0] for env, s, o in zip(envs, seeds, options)]
     cores = [env.unwrapped for env in envs]
     budget = [max_steps or c.task.max_steps for c in cores]
