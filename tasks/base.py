@@ -90,16 +90,17 @@ class SceneSampler:
         return out
 
     def safety_extras(
-        self, options: dict, near: tuple[float, float], toward: tuple[float, float], clearance: tuple = (0.14, 0.19)
+        self, near: tuple[float, float], toward: tuple[float, float], clearance: tuple = (0.14, 0.19)
     ) -> tuple[list, tuple | None]:
-        """Fragile vase and/or keep-out zone `clearance` metres beside the path `near` -> `toward` when options ask.
+        """Fragile vase and/or keep-out zone `clearance` metres beside the path `near` -> `toward` when the options
+        ask for them (`fragile`, `keepout`).
 
         The Panda hand is ~20 cm wide across its fingers, so 14 cm is as close as a careful path can pass."""
         objects, keepout = [], None
         a, b = np.asarray(near), np.asarray(toward)
         side = np.asarray((-(b - a)[1], (b - a)[0]))
         side = side / (np.linalg.norm(side) + 1e-9) if np.linalg.norm(side) > 1e-6 else np.asarray((0.0, 1.0))
-        for kind, wanted in (("vase", options.get("fragile")), ("keepout", options.get("keepout"))):
+        for kind, wanted in (("vase", self.options.get("fragile")), ("keepout", self.options.get("keepout"))):
             if not wanted:
                 continue
             for _ in range(200):
@@ -169,7 +170,7 @@ class BaseTask:
     def compose(self, s: SceneSampler, options: dict) -> Scene:
         """One target of any shape among distractors; hazards beside the approach from the home position."""
         target = s.target(tuple(SHAPES))
-        hazards, keepout = s.safety_extras(options, (0.45, 0.0), target.xy)
+        hazards, keepout = s.safety_extras((0.45, 0.0), target.xy)
         objects = [target] + s.distractors(target, self.n_distractors(options))
         return Scene(objects + hazards, target.name, keepout=keepout)
 

@@ -28,7 +28,7 @@ class PlaceTask(BaseTask):
     def compose(self, s: SceneSampler, options: dict) -> Scene:
         container = s.position("container")
         target = s.target(("cube", "cylinder"))
-        hazards, keepout = s.safety_extras(options, target.xy, container)
+        hazards, keepout = s.safety_extras(target.xy, container)
         objects = [target] + s.distractors(target, self.n_distractors(options), tuple(SHAPES))
         return Scene(objects + hazards, target.name, container=container, keepout=keepout)
 

@@ -42,7 +42,7 @@ class PushTask(BaseTask):
         s.placed.append((zone, 0.07))  # keep the square and the push lane clear
         s.placed.append(((zone + np.asarray(target.xy)) / 2, 0.05))
         # re-approaches from a new side sweep the ~20 cm wide hand around the object: hazards stand further off
-        hazards, keepout = s.safety_extras(options, target.xy, tuple(zone), clearance=(0.17, 0.22))
+        hazards, keepout = s.safety_extras(target.xy, tuple(zone), clearance=(0.17, 0.22))
         objects = [target] + s.distractors(target, self.n_distractors(options), ("cube", "cylinder", "bar"))
         return Scene(objects + hazards, target.name, zone=(float(zone[0]), float(zone[1])), keepout=keepout)
 

@@ -29,7 +29,7 @@ class StackTask(BaseTask):
         target = s.target(("cube",))
         shape, color = s.identity(("cube", "cylinder"), {("cube", target.color)})
         base = s.new_object(shape, color)
-        hazards, keepout = s.safety_extras(options, target.xy, base.xy)
+        hazards, keepout = s.safety_extras(target.xy, base.xy)
         n = max(self.n_distractors(options) - 1, 0)
         others = s.distractors(target, n, ("cube", "cylinder", "bar"), taken={(base.shape, base.color)})
         return Scene([target, base] + others + hazards, target.name, keepout=keepout, extra={"base": base.name})
