@@ -71,7 +71,7 @@ def _claim(out_dir: Path, manifest: dict, policy: str) -> None:
 def evaluate(cfg: EvalConfig, command: str = "python scripts/evaluate.py") -> dict:
     manifest = build_manifest(cfg.suite, cfg.episodes_per_task, resolve_tasks(cfg.task))
     spec = PolicySpec(cfg.policy, cfg.temperature, cfg.unnorm_key)
-    base_rows = base_name = None
+    base_spec = base_name = None  # base_spec stays None when the baseline is an earlier report
     if cfg.baseline is not None:  # check the baseline before any work
         if _is_report(cfg.baseline):
             old = json.loads((Path(cfg.baseline) / "manifest.json").read_text())
@@ -95,7 +95,7 @@ def evaluate(cfg: EvalConfig, command: str = "python scripts/evaluate.py") -> di
     seconds = time.perf_counter() - start
     comparison = None
     if cfg.baseline is not None:
-        if base_rows is None and _is_report(cfg.baseline):
+        if base_spec is None:
             base_rows = list(load_results(Path(cfg.baseline)).values())
         else:
             base_out = out / "baseline"

@@ -70,7 +70,7 @@ def _slots(cfg: DemoConfig) -> list[tuple[int, str, int]]:
 _ENVS: dict = {}
 
 
-def _generate(args: tuple[DemoConfig, int, str, int]) -> tuple[int, Episode | None, int, list[str]]:
+def _generate(args: tuple[DemoConfig, int, str, int]) -> tuple[int, Episode | None, list[str]]:
     """Worker: roll out the expert on successive seeds of one slot until an episode succeeds cleanly."""
     cfg, index, name, slot = args
     key = (name, cfg.image_size)
@@ -90,8 +90,8 @@ def _generate(args: tuple[DemoConfig, int, str, int]) -> tuple[int, Episode | No
                 task=name, instruction=r.instruction, seed=seed, success=True, images=r.images, states=r.states,
                 actions=r.actions, safety=r.safety,
             )
-            return index, episode, k, errors
-    return index, None, MAX_ATTEMPTS, errors
+            return index, episode, errors
+    return index, None, errors
 
 
 def generate(cfg: DemoConfig) -> dict:
@@ -110,7 +110,7 @@ def generate(cfg: DemoConfig) -> dict:
         results = pool.imap_unordered(_generate, todo) if pool else map(_generate, todo)
         try:
             with tqdm(total=len(_slots(cfg)), initial=len(done), desc="demos", unit="ep") as bar:
-                for index, episode, _, errs in results:
+                for index, episode, errs in results:
                     errors += errs
                     if episode is None:
                         failed.append(index)
