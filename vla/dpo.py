@@ -318,7 +318,8 @@ def reference_logps(vla: VLA, prefs: PreferenceSet, ids: slice, device: torch.de
             with autocast():
                 chunks.append(action_logps(model, {k: v.to(device) for k, v in batch.items()}, ids).double().cpu())
         out[ep] = torch.cat(chunks).numpy()
-    model.train(was_training)
+    if was_training:
+        _train_mode(model)
     return out
 
 
@@ -387,6 +388,17 @@ def _device(name: str) -> torch.device:
     return torch.device("cuda" if name != "cpu" and torch.cuda.is_available() else "cpu")
 
 
+def _train_mode(model: torch.nn.Module) -> torch.nn.Module:
+    """Train mode with batch-norm statistics frozen, so that at step 0 the policy scores every frame exactly as its
+    frozen reference does (FastVLM's ResNet has batch norm; a DPO batch of a few rollouts would otherwise normalise
+    with its own statistics, far from the SFT ones)."""
+    model.train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.eval()
+    return model
+
+
 def train_dpo(cfg: DPOConfig) -> dict:
     """Run DPO as configured (see the module docstring); return the summary also written to summary.json."""
     _check_known_keys(cfg)
@@ -414,7 +426,7 @@ def train_dpo(cfg: DPOConfig) -> dict:
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     vla = _load(resume_from, "checkpoint") if resume_from else _load(Path(cfg.policy), "policy")
-    model, ids = vla.model.to(device).train(), slice(tok.token_offset, tok.token_offset + tok.n_bins)
+    model, ids = _train_mode(vla.model.to(device)), slice(tok.token_offset, tok.token_offset + tok.n_bins)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
 
     out.mkdir(parents=True, exist_ok=True)
@@ -447,7 +459,7 @@ def train_dpo(cfg: DPOConfig) -> dict:
         with autocast():
             outs = [pair_step(model, batch_of(val_pairs[s : s + cfg.batch_size]), ids, cfg, device)
                     for s in range(0, len(val_pairs), cfg.batch_size)]
-        model.train()
+        _train_mode(model)
         return window_metrics(outs, cfg.alpha)
 
     def save(step: int) -> None:

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import (
+    FastVlmConfig,
+    FastVlmForConditionalGeneration,
     GemmaConfig,
     LlamaConfig,
     LlavaConfig,
@@ -27,6 +29,7 @@ from transformers import (
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerFast,
+    ResNetConfig,
     SiglipVisionConfig,
 )
 from transformers.image_utils import PILImageResampling
@@ -38,9 +41,10 @@ IGNORE_INDEX = -100
 
 @dataclass
 class VLAModelConfig:
-    """Sizes of a VLA built from scratch. The default has ~7.8M parameters and 36 image tokens at 96 px."""
+    """Sizes of a VLA built from scratch. The default (FastVLM: ResNet + Llama) has ~4.5M parameters and 36 image
+    tokens at 96 px. For arch=fast_vlm, the vision_heads and vision_intermediate_size are unused."""
 
-    arch: str = "llava"
+    arch: str = "fast_vlm"
     image_size: int = 96
     patch_size: int = 16
     vision_hidden_size: int = 192
@@ -48,7 +52,7 @@ class VLAModelConfig:
     vision_heads: int = 3
     vision_intermediate_size: int = 768
     text_hidden_size: int = 256
-    text_layers: int = 6
+    text_layers: int = 4
     text_heads: int = 4
     text_intermediate_size: int = 768
     projector_act: str = "gelu"
@@ -131,6 +135,35 @@ def _llava_config(cfg: VLAModelConfig, tokenizer: PreTrainedTokenizerFast) -> Ll
     )
 
 
+def _conv_vision_config(cfg: VLAModelConfig) -> ResNetConfig:
+    """A ResNet whose last feature map has one cell per ``patch_size`` square: FastVLM's image tokens.
+
+    The stem (7x7 conv, stride 2, max-pool) divides the side by 4 and every later stage by 2, so 96 px with 16 px
+    "patches" gives 3 stages and a 6x6 map, the same 36 tokens as the ViT; channels double per stage up to
+    ``vision_hidden_size``; ``vision_layers`` basic blocks are spread over the stages (at least one each).
+    """
+    stages = int(np.log2(cfg.patch_size)) - 1
+    if cfg.patch_size != 2 ** (stages + 1) or stages < 1:
+        raise ValueError(f"arch=fast_vlm needs patch_size = a power of two >= 4, got {cfg.patch_size}")
+    widths = [max(8, cfg.vision_hidden_size >> (stages - 1 - i)) for i in range(stages)]
+    depths = [max(1, cfg.vision_layers // stages)] * stages
+    vision = ResNetConfig(num_channels=3, embedding_size=widths[0], hidden_sizes=widths, depths=depths,
+                          layer_type="basic", downsample_in_first_stage=False)
+    # What FastVLM's projector and num_image_tokens read; saved in config.json with the rest.
+    vision.hidden_size, vision.image_size, vision.patch_size = widths[-1], cfg.image_size, cfg.patch_size
+    return vision
+
+
+def _fastvlm_config(cfg: VLAModelConfig, tokenizer: PreTrainedTokenizerFast) -> FastVlmConfig:
+    return FastVlmConfig(
+        vision_config=_conv_vision_config(cfg),
+        text_config=LlamaConfig(**cfg.text_kwargs(tokenizer)),
+        image_token_index=tokenizer.image_token_id,
+        image_seq_length=cfg.num_image_tokens,
+        projector_hidden_act=cfg.projector_act,
+    )
+
+
 def _paligemma_config(cfg: VLAModelConfig, tokenizer: PreTrainedTokenizerFast) -> PaliGemmaConfig:
     text = GemmaConfig(**cfg.text_kwargs(tokenizer), head_dim=cfg.text_hidden_size // cfg.text_heads)
     return PaliGemmaConfig(
@@ -168,6 +201,16 @@ ARCHITECTURES: dict[str, _Arch] = {
         position_offset=0,
         # vision_feature_layer=-1 takes hidden_states[-1], which SigLIP returns before its post-layernorm.
         unused_parameters=("model.vision_tower.post_layernorm.",),
+    ),
+    # A convolutional vision tower (ResNet) whose feature map becomes the image tokens, as in Apple's FastVLM.
+    "fast_vlm": _Arch(
+        model_class=FastVlmForConditionalGeneration,
+        make_config=_fastvlm_config,
+        image_before_bos=False,
+        prefix_separator="",
+        uses_token_type_ids=False,
+        position_offset=0,
+        unused_parameters=(),
     ),
     "paligemma": _Arch(
         model_class=PaliGemmaForConditionalGeneration,
@@ -209,7 +252,32 @@ def build_model(cfg: VLAModelConfig, tokenizer: PreTrainedTokenizerFast) -> PreT
         raise ValueError("tokenizer needs <image>, pad and eos tokens; build it with vla.text_tokenizer")
     arch = ARCHITECTURES[cfg.arch]
     model = arch.model_class(arch.make_config(cfg, tokenizer))
+    vision = model.config.vision_config
+    grid = vision.image_size // vision.patch_size
+    for name, module in model.named_modules():
+        if name.endswith("embeddings.position_embedding"):
+            with torch.no_grad():
+                module.weight.copy_(sincos_2d(grid, module.weight.shape[1]))
     return _freeze_unused(model.train())
+
+
+def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+    """(grid * grid, dim) fixed 2-D sine-cosine position codes (MAE / ViT-style), rows in row-major patch order.
+
+    The vision tower starts from these instead of small random vectors: where a patch lies is then a smooth
+    function of its code from step 0 (SigLIP's random init gives position codes ~10x weaker than the patch
+    content, one unrelated vector per patch), which is what a policy must read off to move towards an object. The
+    codes stay trainable.
+    """
+    if dim % 4:
+        raise ValueError(f"vision_hidden_size={dim} must be a multiple of 4 for 2-D sine-cosine position codes")
+    freqs = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))  # (dim / 4,)
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    parts = []
+    for coord in (rows.flatten(), cols.flatten()):
+        angles = coord[:, None].double() * freqs[None]  # (grid * grid, dim / 4)
+        parts += [angles.sin(), angles.cos()]
+    return torch.cat(parts, dim=1).float()
 
 
 def build_image_processor(cfg: VLAModelConfig) -> SiglipImageProcessorPil:
@@ -249,7 +317,7 @@ def load_model(path: str | os.PathLike) -> VLA:
 
 
 def num_image_tokens(config: PretrainedConfig) -> int:
-    """Image tokens a prompt needs: one per vision patch."""
+    """Image tokens a prompt needs: one per vision patch (per cell of the ResNet's last feature map)."""
     vision = config.vision_config
     return (vision.image_size // vision.patch_size) ** 2
 

@@ -89,7 +89,8 @@ class TrainConfig:
     eval_every: int = 250  # validation on held-out episodes; 0 disables
     val_fraction: float = 0.1  # fraction of episodes held out (at least one when > 0 and there are two)
     val_max_samples: int = 512  # frames per validation pass, evenly spaced over the held-out episodes
-    augment: bool = True  # random shift + brightness/contrast jitter of the training images
+    augment: bool = False  # random shift + brightness/contrast jitter (shifts blur where things are: off by default)
+    label_sigma: float = 4.0  # > 0: Gaussian soft targets over neighbouring action bins (std in bins); 0: one-hot
     num_workers: int = 0  # DataLoader worker processes (PNG decoding, preprocessing, tokenization)
     vocab_size: int = 1024  # BPE vocabulary of a new text tokenizer (ignored with model.pretrained)
     action_bins: int = 256
@@ -113,6 +114,8 @@ class TrainConfig:
             raise SFTError(f"train.grad_clip={self.grad_clip} must be > 0; pass null to disable clipping")
         if not 0 <= self.val_fraction < 1:
             raise SFTError(f"train.val_fraction={self.val_fraction} must lie in [0, 1); 0 disables validation")
+        if self.label_sigma < 0:
+            raise SFTError(f"train.label_sigma={self.label_sigma} must be >= 0 (bins); 0 trains on one-hot targets")
         if not 2 <= self.action_bins <= 1000:
             raise SFTError(f"train.action_bins={self.action_bins} must lie in [2, 1000]; 256 is usual")
         if self.vocab_size < 260:
@@ -286,6 +289,27 @@ def action_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tup
     return logits, batch["input_ids"].gather(1, targets_at)
 
 
+def action_loss(logits: torch.Tensor, targets: torch.Tensor, tok: ActionTokenizer, sigma: float) -> torch.Tensor:
+    """Mean cross-entropy over the D action positions and the EOS of ``action_logits``.
+
+    With ``sigma > 0`` the target of an action position is a Gaussian over the bins, centred on the true bin with
+    std ``sigma`` bins and renormalised over the n_bins action ids (no mass on any other token); the EOS stays
+    one-hot. Bins are ordered, so a prediction one bin off should cost less than one 100 bins off; one-hot
+    targets cannot say so, soft ones spread the evidence of each frame over its neighbours.
+    """
+    logits = logits.float()
+    if sigma <= 0:
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    D, lo, n = tok.action_dim, tok.token_offset, tok.n_bins
+    logp = logits.log_softmax(-1)  # (B, D + 1, V)
+    bins = torch.arange(n, device=logits.device, dtype=torch.float32)
+    q = torch.exp(-0.5 * ((bins - (targets[:, :D, None] - lo).float()) / sigma) ** 2)  # (B, D, n)
+    q = q / q.sum(-1, keepdim=True)
+    action_nll = -(q * logp[:, :D, lo : lo + n]).sum(-1)  # (B, D)
+    eos_nll = -logp[:, D:].gather(-1, targets[:, D:, None]).squeeze(-1)  # (B, 1)
+    return torch.cat([action_nll, eos_nll], dim=1).mean()
+
+
 class Meter:
     """Sums of loss, token accuracy and decoded L1 over batches (and ranks, with ``reduce``).
 
@@ -323,14 +347,14 @@ class Meter:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches, meter: Meter, device: torch.device, autocast) -> dict:
-    """Metrics of ``model`` (unwrapped) over ``batches``, reduced over ranks."""
+def evaluate(model: torch.nn.Module, batches, meter: Meter, device: torch.device, autocast, sigma: float = 0.0) -> dict:
+    """Metrics of ``model`` (unwrapped) over ``batches``, reduced over ranks; the loss is the training loss."""
     model.eval()
     for batch in batches:
         inputs = {k: v.to(device) for k, v in batch.items() if k not in ("actions", "position")}
         with autocast():
             logits, targets = action_logits(model, inputs)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        loss = action_loss(logits, targets, meter.tok, sigma)
         meter.add(loss, logits, targets, batch["actions"].to(device))
     model.train()
     return meter.reduce()
@@ -555,7 +579,7 @@ def _train(cfg: SFTConfig, env: _Dist) -> dict:
             with nullcontext() if sync else ddp.no_sync():
                 with autocast():
                     logits, targets = action_logits(ddp, batch)
-                loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+                loss = action_loss(logits, targets, action_tok, tc.label_sigma)
                 (loss / tc.grad_accum).backward()
             meter.add(loss, logits, targets, actions.to(env.device))
         grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip) if tc.grad_clip else None
@@ -580,7 +604,8 @@ def _train(cfg: SFTConfig, env: _Dist) -> dict:
             log(step, "train", train_metrics)
             window_t, window_samples = now, 0
         if val_batches and tc.eval_every and (step % tc.eval_every == 0 or step == tc.steps):
-            val_metrics = evaluate(model, val_batches, Meter(action_tok, names, env.device), env.device, autocast)
+            val_metrics = evaluate(model, val_batches, Meter(action_tok, names, env.device), env.device, autocast,
+                                   tc.label_sigma)
             log(step, "val", val_metrics)
             window_t = time.perf_counter()
         if step % tc.save_every == 0 or step == tc.steps:

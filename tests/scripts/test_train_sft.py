@@ -66,14 +66,15 @@ def test_default_presets_equal_the_schema_defaults():
     cfg = compose_sft()
     assert isinstance(cfg, SFTConfig) and cfg.resume is False
     assert asdict(cfg.train) == asdict(TrainConfig())
-    assert asdict(cfg.model) == asdict(ModelConfig()) and VLAModelConfig().arch == cfg.model.arch == "llava"
+    assert asdict(cfg.model) == asdict(ModelConfig()) and VLAModelConfig().arch == cfg.model.arch == "fast_vlm"
 
 
-@pytest.mark.parametrize("group", ["model=tiny", "model=paligemma", "train=fast"])
+@pytest.mark.parametrize("group", ["model=tiny", "model=llava", "model=paligemma", "train=fast"])
 def test_every_preset_composes_into_a_valid_config(group):
     cfg = compose_sft(group)
     assert isinstance(cfg.model, ModelConfig) and isinstance(cfg.train, TrainConfig)
-    assert {"model=tiny": cfg.model.image_size == 32, "model=paligemma": cfg.model.arch == "paligemma",
+    assert {"model=tiny": cfg.model.image_size == 32, "model=llava": cfg.model.arch == "llava",
+            "model=paligemma": cfg.model.arch == "paligemma",
             "train=fast": cfg.train.steps == 200}[group]
 
 
