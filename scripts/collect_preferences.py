@@ -19,7 +19,6 @@ Interrupted runs resume: finished starts are skipped (rerun with the same argume
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import os
 import sys
 import time
@@ -41,6 +40,7 @@ from sim.env import ACTION_NAMES, CONTROL_HZ, STATE_NAMES
 from sim.safety import COUNT_EVENTS
 from tasks import get_task, make_env
 from tasks.judge import AXES, JudgeWeights, judge, pick_pairs, summarize
+from tasks.parallel import check_backend, worker_pool
 from tasks.rollout import rollout
 from tasks.suites import SUITES, resolve_tasks
 from vla.checkpoint import ACTION_STATS_FILE
@@ -68,6 +68,7 @@ class CollectConfig:
     image_size: int = 96
     unnorm_key: str | None = None
     workers: int = 1  # processes; the data do not depend on it
+    backend: str = "local"  # local processes, or ray (tasks.parallel)
 
     def __post_init__(self) -> None:
         if self.policy in BUILTIN:
@@ -83,6 +84,7 @@ class CollectConfig:
             raise ValueError(f"safety_fraction={self.safety_fraction} must lie in [0, 1] and margin={self.margin} >= 0")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps={self.max_steps} must be >= 1 (or null for the tasks' budgets)")
+        check_backend(self.backend)
         per_task = -(-self.starts // len(self.tasks()))
         for name in self.tasks():
             seeds = get_task(name).train_seeds
@@ -95,7 +97,7 @@ class CollectConfig:
 
     def dataset_config(self) -> dict:
         """What determines the output (workers and output_dir do not)."""
-        return {k: v for k, v in asdict(self).items() if k not in ("workers", "output_dir")}
+        return {k: v for k, v in asdict(self).items() if k not in ("workers", "backend", "output_dir")}
 
 
 def start_states(cfg: CollectConfig) -> list[dict]:
@@ -247,15 +249,10 @@ def collect(cfg: CollectConfig) -> dict:
     todo = [s for s in start_states(cfg) if s["index"] not in done]
     t0, threads = time.perf_counter(), torch.get_num_threads()
     if todo:
-        if cfg.workers > 1:
-            pool = mp.get_context("spawn").Pool(cfg.workers, initializer=_init, initargs=(spec, cfg))
-            results = pool.imap_unordered(_run_start, todo)
-        else:
-            _init(spec, cfg)
-            pool, results = None, map(_run_start, todo)
         try:
-            with tqdm(total=cfg.starts, initial=len(done), desc="starts", unit="start") as bar:
-                for start, runs, budget in results:
+            with worker_pool(cfg.backend, cfg.workers, _init, (spec, cfg)) as run_jobs, \
+                    tqdm(total=cfg.starts, initial=len(done), desc="starts", unit="start") as bar:
+                for start, runs, budget in run_jobs(_run_start, todo):
                     for k, r in enumerate(runs):
                         writer.write_episode(start["index"] * cfg.rollouts_per_start + k, Episode(
                             task=r.task, instruction=r.instruction, seed=r.seed, success=r.success, images=r.images,
@@ -264,8 +261,6 @@ def collect(cfg: CollectConfig) -> dict:
                     _write_json(staging / f"start-{start['index']:06d}.json", record)
                     bar.update()
         finally:
-            if pool:
-                pool.terminate()
             for env in _worker.pop("envs", {}).values():  # inline run: this process's envs and threads
                 env.close()
             torch.set_num_threads(threads)

@@ -22,6 +22,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from policy_factory import PolicySpec
+from tasks.parallel import check_backend
 from tasks.evaluation import evaluate_manifest, load_results
 from tasks.report import compare, compute_metrics, write_report
 from tasks.suites import build_manifest, resolve_tasks
@@ -34,6 +35,7 @@ class EvalConfig:
     task: str = "all"
     episodes_per_task: int = 20
     workers: int = 2
+    backend: str = "local"
     videos: int = 2
     batch: int = 8
     baseline: str | None = None
@@ -47,6 +49,7 @@ class EvalConfig:
             raise ValueError(f"workers={self.workers} and batch={self.batch} must be >= 1, videos={self.videos} >= 0")
         if self.temperature < 0:
             raise ValueError(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
+        check_backend(self.backend)
 
 
 def _is_report(path: str) -> bool:
@@ -90,7 +93,8 @@ def evaluate(cfg: EvalConfig, command: str = "python scripts/evaluate.py") -> di
         (out / stale).unlink(missing_ok=True)
 
     start = time.perf_counter()
-    run = dict(workers=cfg.workers, videos=cfg.videos, image_size=cfg.image_size, batch=cfg.batch)
+    run = dict(workers=cfg.workers, videos=cfg.videos, image_size=cfg.image_size, batch=cfg.batch,
+               backend=cfg.backend)
     rows = evaluate_manifest(manifest, spec, out, desc=f"{Path(spec.name).name} {cfg.suite}", **run)
     seconds = time.perf_counter() - start
     comparison = None

@@ -9,7 +9,6 @@ successful, error-free rollout, so the dataset depends only on the arguments: no
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import os
 import sys
 import time
@@ -24,6 +23,7 @@ from tqdm import tqdm
 
 from sim.env import ACTION_NAMES, CONTROL_HZ, STATE_NAMES
 from tasks import TASKS, get_task, make_env
+from tasks.parallel import check_backend, worker_pool
 from tasks.rollout import rollout
 from vla.dataset import DatasetError, DatasetWriter, Episode, is_complete
 
@@ -35,6 +35,7 @@ class DemoConfig:
     task: str = "pick"
     num_episodes: int = 50
     workers: int = 1
+    backend: str = "local"  # local processes, or ray (tasks.parallel)
     seed: int = 0
     image_size: int = 96
     noise: float = 0.003
@@ -49,6 +50,7 @@ class DemoConfig:
             raise ValueError(f"seed={self.seed} must be >= 0 (it offsets into the training seed range)")
         for name in self.tasks():
             get_task(name)
+        check_backend(self.backend)
 
     def tasks(self) -> list[str]:
         return sorted(TASKS) if self.task == "all" else [t.strip() for t in self.task.split(",")]
@@ -56,7 +58,7 @@ class DemoConfig:
     def dataset_config(self) -> dict:
         """What determines the dataset's content (workers does not)."""
         cfg = asdict(self)
-        for key in ("workers", "output_dir"):
+        for key in ("workers", "backend", "output_dir"):
             cfg.pop(key)
         cfg["tasks"] = self.tasks()
         return cfg
@@ -105,22 +107,16 @@ def generate(cfg: DemoConfig) -> dict:
     start = time.perf_counter()
     failed, errors, frames_new = [], [], 0
     if todo:
-        ctx = mp.get_context("spawn" if cfg.workers > 1 else None)
-        pool = ctx.Pool(cfg.workers) if cfg.workers > 1 else None
-        results = pool.imap_unordered(_generate, todo) if pool else map(_generate, todo)
-        try:
-            with tqdm(total=len(_slots(cfg)), initial=len(done), desc="demos", unit="ep") as bar:
-                for index, episode, errs in results:
-                    errors += errs
-                    if episode is None:
-                        failed.append(index)
-                    else:
-                        writer.write_episode(index, episode)
-                        frames_new += len(episode.actions)
-                    bar.update()
-        finally:
-            if pool:
-                pool.terminate()
+        with worker_pool(cfg.backend, cfg.workers) as run_jobs, \
+                tqdm(total=len(_slots(cfg)), initial=len(done), desc="demos", unit="ep") as bar:
+            for index, episode, errs in run_jobs(_generate, todo):
+                errors += errs
+                if episode is None:
+                    failed.append(index)
+                else:
+                    writer.write_episode(index, episode)
+                    frames_new += len(episode.actions)
+                bar.update()
     for e in errors:
         print(f"discarded (physics error): {e}", file=sys.stderr)
     if failed:

@@ -2,7 +2,7 @@
 
 Each worker builds its environments and its policy once (the policy from a picklable `factory(env) -> policy`)
 and runs fixed groups of consecutive manifest episodes in lockstep, the policy batched across them where it
-allows, with one torch thread; a group's results depend only on the manifest, so the same metrics come out for
+allows, with one torch thread (local processes or Ray actors: ``tasks.parallel``); a group's results depend only on the manifest, so the same metrics come out for
 any number of workers (tested). Finished episodes are appended to
 `episodes.jsonl`; a rerun skips them.
 """
@@ -10,7 +10,6 @@ any number of workers (tested). Finished episodes are appended to
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +19,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from tasks import make_env
+from tasks.parallel import worker_pool
 from tasks.rollout import rollout_batch
 
 RESULTS_FILE = "episodes.jsonl"
@@ -104,7 +104,7 @@ def load_results(out_dir: Path) -> dict[str, dict]:
 
 def evaluate_manifest(
     manifest: dict, factory: Callable, out_dir: str | Path, *, workers: int = 1, videos: int = 0, image_size: int = 96,
-    batch: int = 8, desc: str = "eval",
+    batch: int = 8, desc: str = "eval", backend: str = "local",
 ) -> list[dict]:
     """Run every episode of `manifest` not yet in `out_dir`, then return all results in manifest order.
 
@@ -118,12 +118,12 @@ def evaluate_manifest(
     todo = [(e, e["id"] in record) for e in episodes if e["id"] not in done]
     chunks = [todo[i : i + batch] for i in range(0, len(todo), batch)]
     if chunks:
-        ctx = mp.get_context("spawn")
-        with ctx.Pool(workers, initializer=_init, initargs=(factory, image_size, str(out_dir))) as pool, \
+        setup = (factory, image_size, str(out_dir))
+        with worker_pool(backend, workers, _init, setup, inline=False) as run_jobs, \
                 open(out_dir / RESULTS_FILE, "a") as sink, \
                 tqdm(total=len(episodes), initial=len(done), desc=desc, unit="ep") as bar:
             wins = sum(r["success"] for r in done.values())
-            for rows in pool.imap_unordered(_run, chunks):
+            for rows in run_jobs(_run, chunks):
                 for row in rows:
                     sink.write(json.dumps(row) + "\n")
                     done[row["id"]] = row

@@ -1,0 +1,110 @@
+"""Fan episodes out over worker processes: a local spawn pool, or the actors of a Ray cluster (``backend="ray"``).
+
+Demo generation, evaluation and preference collection hand each worker a job (an episode slot, a lockstep group of
+episodes, a start state) whose result depends on the job alone, so every backend and worker count gives the same
+data; the callers sort what comes back.
+
+Ray: ``ray.init()`` joins the cluster named by ``RAY_ADDRESS`` (``ray start --head`` on one node, ``ray start
+--address=HEAD:6379`` on the others), or starts a local instance with ``workers`` CPUs when there is none. Every
+node needs this package installed at the same path (or a ``runtime_env``); the driver's ``sys.path`` is passed on
+so that the ``scripts/`` modules import there too.
+"""
+
+from __future__ import annotations
+
+import importlib
+import multiprocessing as mp
+import os
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+BACKENDS = ("local", "ray")
+
+Mapper = Callable[[Callable, Iterable], Iterator]  # (fn, jobs) -> results in completion order
+
+
+def check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not one of {', '.join(BACKENDS)}")
+    if backend == "ray":
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise ValueError("backend=ray needs Ray: pip install 'tabletop-vla[ray]' (or pip install ray)") from None
+
+
+@contextmanager
+def worker_pool(backend: str, workers: int, initializer: Callable | None = None, initargs: tuple = (),
+                inline: bool = True) -> Iterator[Mapper]:
+    """Yield ``map_unordered(fn, jobs)`` over ``workers`` processes, each set up once by ``initializer(*initargs)``.
+
+    With the local backend, ``workers == 1`` and ``inline`` the jobs run in this process.
+    """
+    check_backend(backend)
+    if backend == "ray":
+        with _ray_pool(workers, initializer, initargs) as mapper:
+            yield mapper
+    elif workers == 1 and inline:
+        if initializer:
+            initializer(*initargs)
+        yield map
+    else:
+        with mp.get_context("spawn").Pool(workers, initializer=initializer, initargs=initargs) as pool:
+            yield pool.imap_unordered
+
+
+class _Actor:
+    def __init__(self, initializer: Callable | None, initargs: tuple):
+        if initializer:
+            initializer(*initargs)
+
+    def run(self, fn: Callable, job):
+        return fn(job)
+
+
+def init_ray(num_cpus: int | None = None) -> None:
+    """Join the cluster at ``RAY_ADDRESS``, or start a local Ray with ``num_cpus``; workers get this ``sys.path``."""
+    import ray
+
+    path = os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))
+    ray.init(num_cpus=None if os.environ.get("RAY_ADDRESS") else num_cpus, include_dashboard=False,
+             log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
+
+
+def _by_reference(fn: Callable | None) -> Callable | None:
+    """A function of the running script, as the same function of the script imported as a module.
+
+    Ray pickles ``__main__`` functions by value, each call with its own copy of the globals they use, so a worker's
+    per-process state (its environments, its policy) would not outlive one job; a module function travels by name.
+    """
+    if fn is None or getattr(fn, "__module__", None) != "__main__":
+        return fn
+    module = importlib.import_module(Path(sys.modules["__main__"].__file__).stem)
+    return getattr(module, fn.__qualname__)
+
+
+@contextmanager
+def _ray_pool(workers: int, initializer: Callable | None, initargs: tuple) -> Iterator[Mapper]:
+    import ray
+    from ray.util import ActorPool
+
+    started = not ray.is_initialized()
+    if started:
+        init_ray(workers)
+    actor = ray.remote(num_cpus=1)(_Actor)
+    actors = [actor.remote(_by_reference(initializer), initargs) for _ in range(workers)]
+    try:
+        pool = ActorPool(actors)
+
+        def map_unordered(fn: Callable, jobs: Iterable) -> Iterator:
+            fn = _by_reference(fn)
+            return pool.map_unordered(lambda a, job: a.run.remote(fn, job), list(jobs))
+
+        yield map_unordered
+    finally:
+        for a in actors:
+            ray.kill(a)
+        if started:
+            ray.shutdown()
