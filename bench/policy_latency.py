@@ -1,6 +1,6 @@
 """Latency of one action: `VLAPolicy` against one prompt forward (the floor) and HF `generate`, side by side.
 
-    python bench/policy_latency.py bench/policy_latency.json [--arch llava] [--repeats 30]
+    python bench/policy_latency.py bench/policy_latency.json [--arch fast_vlm] [--repeats 30]
 
 The default model (``VLAModelConfig()``, random init) with a tokenizer trained on a few prompts. Every case runs
 once per round, round-robin, so that load from other jobs on the machine hits all of them alike; the figures are
@@ -72,7 +72,7 @@ def _setup(arch: str, batch: int, seed: int):
     return vla, action_tokenizer, observations
 
 
-def measure(arch: str = "llava", batch: int = 8, repeats: int = 20, warmup: int = 3, seed: int = 0) -> dict:
+def measure(arch: str = "fast_vlm", batch: int = 8, repeats: int = 20, warmup: int = 3, seed: int = 0) -> dict:
     """Median milliseconds per action of every case (see the module docstring) and the ratios against targets."""
     vla, action_tokenizer, observations = _setup(arch, batch, seed)
     model, lo = vla.model, action_tokenizer.token_offset
@@ -157,7 +157,7 @@ def format_table(result: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path, help="JSON file to write")
-    parser.add_argument("--arch", default="llava", choices=["llava", "paligemma"])
+    parser.add_argument("--arch", default="fast_vlm", choices=["fast_vlm", "llava", "paligemma"])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)

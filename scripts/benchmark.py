@@ -4,8 +4,10 @@
     python scripts/benchmark.py --only sim --seconds 5
 
 Sections: sim (control steps/s with a 128 px image vs panda-gym PandaPickAndPlace-v3 rendering 128 px; 1 vs 2
-worker processes), demos (generation frames/s, 1 vs 2 workers), policy (one action vs one prompt forward and HF generate), train (SFT step vs a naive
-transformers forward/backward).
+worker processes), demos (generation frames/s, 1 vs 2 workers), policy (one action vs one prompt forward and HF
+generate), train (SFT step vs a naive transformers forward/backward), eval (episodes/min of the expert and of the
+default VLA on the success suite, 2 workers), pipeline (stage times of scripts/pipeline.py on its embedded defaults:
+runs it into --pipeline-dir, or reads the times of a finished run there).
 """
 
 from __future__ import annotations
@@ -113,7 +115,56 @@ def bench_train(seconds: float) -> dict:
     return naive_step_throughput()
 
 
-SECTIONS = {"sim": bench_sim, "demos": bench_demos, "policy": bench_policy, "train": bench_train}
+def bench_eval(seconds: float) -> dict:
+    """Episodes/min and control steps/s of the expert and of the default VLA (random init: every episode runs its
+    full step budget) on the success suite, reach and pick, 8 episodes each, 2 workers, lockstep batches of 8."""
+    import tempfile
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from policy_factory import PolicySpec
+
+    from tasks import get_task
+    from tasks.evaluation import evaluate_manifest
+    from tasks.suites import build_manifest
+    from vla.action_tokenizer import ActionTokenizer
+    from vla.checkpoint import save_checkpoint
+    from vla.model import PROMPT_TEMPLATE, VLAModelConfig, build_vla
+    from vla.text_tokenizer import action_token_offset, build_tokenizer
+
+    manifest = build_manifest("success", 8, ["reach", "pick"])
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        prompts = [PROMPT_TEMPLATE.format(instruction=t) for name in ("reach", "pick") for t in get_task(name).templates]
+        tokenizer = build_tokenizer(prompts * 4, vocab_size=1024)
+        q01 = np.array([-0.03, -0.03, -0.035, -0.005, -0.005, -0.3, 0.0])
+        save_checkpoint(build_vla(VLAModelConfig(), tokenizer),
+                        {"bench": ActionTokenizer(q01, -q01 + np.eye(7)[6], action_token_offset(tokenizer))},
+                        Path(tmp) / "vla")
+        for name, policy in (("expert", "expert"), ("vla", f"{tmp}/vla")):
+            start = time.perf_counter()
+            rows = evaluate_manifest(manifest, PolicySpec(policy), f"{tmp}/{name}", workers=2, batch=8)
+            elapsed = time.perf_counter() - start
+            out[f"{name}_episodes_per_min"] = round(60 * len(rows) / elapsed, 1)
+            out[f"{name}_steps_per_s"] = round(sum(r["steps"] for r in rows) / elapsed, 1)
+    return out
+
+
+def bench_pipeline(seconds: float, pipeline_dir: str = "runs/pipeline") -> dict:
+    """Stage times of the pipeline on its embedded defaults (cached stages report the time they took)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import pipeline
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    pipeline.register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        cfg = OmegaConf.to_object(compose("pipeline", overrides=[f"output_dir={pipeline_dir}"]))
+    results = pipeline.Pipeline(cfg).run()
+    return {"stage_seconds": results["stage_seconds"], "output_dir": pipeline_dir}
+
+
+SECTIONS = {"sim": bench_sim, "demos": bench_demos, "policy": bench_policy, "train": bench_train, "eval": bench_eval,
+            "pipeline": bench_pipeline}
 
 
 def main() -> None:
@@ -121,13 +172,15 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", choices=sorted(SECTIONS), default=sorted(SECTIONS))
     parser.add_argument("--seconds", type=float, default=8.0, help="timing window per measurement")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results.json"))
+    parser.add_argument("--pipeline-dir", default="runs/pipeline", help="where the pipeline section runs (cached)")
     args = parser.parse_args()
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.is_file() else {}  # sections not rerun keep their last figures
     results["machine"] = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
     for name in args.only:
         print(f"== {name}", flush=True)
-        results[name] = SECTIONS[name](args.seconds)
+        extra = {"pipeline_dir": args.pipeline_dir} if name == "pipeline" else {}
+        results[name] = SECTIONS[name](args.seconds, **extra)
         print(json.dumps(results[name], indent=2), flush=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")

@@ -1,0 +1,95 @@
+"""scripts/pipeline.py end to end on tiny settings: every stage's output and summary, the final table, caching of
+finished stages, a subset of stages, refusal of changed settings, and the shipped configs composing."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import pipeline  # noqa: E402
+from pipeline import STAGES, Pipeline, PipelineConfig, PipelineError  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+TINY = [
+    "task=reach", "workers=1", "demos.num_episodes=3", "model@sft.model=tiny", "sft.train.steps=4",
+    "sft.train.warmup_steps=1", "sft.train.save_every=2", "sft.train.eval_every=2", "sft.train.log_every=2",
+    "sft.train.val_max_samples=8", "sft.train.vocab_size=300", "sft.train.batch_size=4", "eval.episodes_per_task=1", "eval.videos=1",
+    "prefs.starts=2", "prefs.rollouts_per_start=2", "prefs.margin=0.0", "dpo.steps=2", "dpo.warmup_steps=0",
+    "dpo.batch_size=1", "dpo.eval_every=0",
+]
+
+
+def _cfg(out: Path, *overrides: str) -> PipelineConfig:
+    pipeline.register_configs()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        cfg = compose("pipeline", overrides=[f"output_dir={out}", *TINY, *overrides])
+    return OmegaConf.to_object(cfg)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("pipe") / "run"
+    return out, Pipeline(_cfg(out)).run()
+
+
+def test_every_stage_writes_its_summary_and_the_table_has_all_policies(run):
+    out, results = run
+    for sub in ("demos", "sft", "prefs", "dpo", *(f"eval/{p}-{s}" for p in ("expert", "random", "sft", "dpo")
+                                               for s in ("success", "safety"))):
+        assert (out / sub / "summary.json").is_file(), sub
+    assert (out / "sft" / "final" / "config.json").is_file() and (out / "dpo" / "final" / "config.json").is_file()
+    rows = {(r["policy"], r["suite"]): r for r in results["rows"]}
+    assert set(rows) == {(p, s) for p in ("expert", "random", "sft", "dpo") for s in ("success", "safety")}
+    assert rows["expert", "success"]["success_rate"] == 1.0 and rows["random", "success"]["success_rate"] == 0.0
+    assert rows["sft", "safety"]["ece"] is not None and rows["expert", "safety"]["ece"] is None
+    assert json.loads((out / "eval" / "dpo-safety" / "summary.json").read_text())["comparison"] is not None
+    assert set(results["stage_seconds"]) == {*STAGES, "total"}
+    assert results["videos"] and all(Path(v).is_file() for v in results["videos"])
+    table = (out / "results.md").read_text()
+    assert "| dpo | safety |" in table and "DPO vs SFT" in table
+
+
+def test_rerun_skips_finished_stages(run, capsys):
+    out, results = run
+    before = {p: p.stat().st_mtime_ns for p in (out / "sft" / "final").iterdir()}
+    again = Pipeline(_cfg(out)).run()
+    assert capsys.readouterr().out.count("(cached)") == len(STAGES)
+    assert again["rows"] == results["rows"]
+    assert {p: p.stat().st_mtime_ns for p in (out / "sft" / "final").iterdir()} == before
+
+
+def test_changed_settings_of_a_finished_stage_are_refused(run):
+    out, _ = run
+    with pytest.raises(PipelineError, match="stage eval already ran .* with other settings"):
+        Pipeline(_cfg(out, "stages=eval", "eval.episodes_per_task=2")).run()
+
+
+def test_a_subset_of_stages_runs_alone(tmp_path):
+    out = tmp_path / "demos-only"
+    results = Pipeline(_cfg(out, "stages=demos")).run()
+    assert (out / "demos" / "summary.json").is_file() and not (out / "sft").exists()
+    assert results["rows"] == [] and set(results["stage_seconds"]) == {"demos", "total"}
+
+
+def test_unknown_stage_and_key_fail_with_one_line(tmp_path):
+    with pytest.raises(PipelineError, match="unknown \\['train'\\]"):
+        _cfg(tmp_path, 'stages="demos,train"')
+    proc = subprocess.run([sys.executable, "scripts/pipeline.py", "sft.train.stepz=3", f"output_dir={tmp_path}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode != 0 and "stepz" in proc.stderr and not any(tmp_path.iterdir())
+
+
+def test_full_experiment_composes():
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        pipeline.register_configs()
+        cfg = OmegaConf.to_object(compose("pipeline", overrides=["experiment=full"]))
+    assert cfg.task == "all" and cfg.sft.train.steps > PipelineConfig().sft.train.steps
+    assert cfg.demos.num_episodes > 150 and cfg.output_dir == "runs/full"
