@@ -46,6 +46,7 @@ from tasks.suites import SUITES, resolve_tasks
 from vla.checkpoint import ACTION_STATS_FILE
 from vla.dataset import DatasetError, DatasetWriter, Episode, is_complete
 from vla.dpo import PAIRS_FILE, ROLLOUTS_FILE
+from vla.run_state import write_json
 
 STAGING = ".starts"  # one JSON per finished start state, until the tables are written
 SAFETY_OPTIONS = SUITES["safety"]["axes"]["hazards"]
@@ -181,12 +182,6 @@ def judge_start(cfg: CollectConfig, start: dict, runs: list, budget: int) -> dic
     return {"start": start, "rollouts": rows, "pairs": pairs}
 
 
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)
-
-
 def _write_table(path: Path, table: pa.Table) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     pq.write_table(table, tmp)
@@ -258,7 +253,7 @@ def collect(cfg: CollectConfig) -> dict:
                             task=r.task, instruction=r.instruction, seed=r.seed, success=r.success, images=r.images,
                             states=r.states, actions=r.actions, safety=r.safety))
                     record = judge_start(cfg, start, runs, budget)
-                    _write_json(staging / f"start-{start['index']:06d}.json", record)
+                    write_json(staging / f"start-{start['index']:06d}.json", record)
                     bar.update()
         finally:
             for env in _worker.pop("envs", {}).values():  # inline run: this process's envs and threads
@@ -270,7 +265,7 @@ def collect(cfg: CollectConfig) -> dict:
     _write_table(out / ROLLOUTS_FILE, rollouts)
     _write_table(out / PAIRS_FILE, pairs)
     summary = summarize_collection(cfg, records, time.perf_counter() - t0)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(out / "summary.json", summary)
     for p in staging.iterdir():
         p.unlink()
     staging.rmdir()

@@ -26,6 +26,7 @@ from tasks.parallel import check_backend
 from tasks.evaluation import evaluate_manifest, load_results
 from tasks.report import compare, compute_metrics, write_report
 from tasks.suites import build_manifest, resolve_tasks
+from vla.run_state import write_json
 
 
 @dataclass
@@ -119,7 +120,7 @@ def evaluate(cfg: EvalConfig, command: str = "python scripts/evaluate.py") -> di
         "per_axis": {k: v["rate"] for k, v in metrics["per_axis"].items()},
         "comparison": None if comparison is None else {k: comparison[k] for k in ("verdict_success", "verdict_safety")},
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(out / "summary.json", summary)
     print(f"{spec.name} on {manifest['id']}: success {100 * o['rate']:.1f}% "
           f"[{100 * o['ci_low']:.1f}, {100 * o['ci_high']:.1f}] over {o['n']} episodes, "
           f"{summary['safety_events_per_episode']:.2f} safety events per episode")

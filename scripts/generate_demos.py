@@ -8,7 +8,6 @@ successful, error-free rollout, so the dataset depends only on the arguments: no
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -26,6 +25,7 @@ from tasks import TASKS, get_task, make_env
 from tasks.parallel import check_backend, worker_pool
 from tasks.rollout import rollout
 from vla.dataset import DatasetError, DatasetWriter, Episode, is_complete
+from vla.run_state import write_json
 
 MAX_ATTEMPTS = 8
 
@@ -126,7 +126,7 @@ def generate(cfg: DemoConfig) -> dict:
     seconds = time.perf_counter() - start
     info = writer.finalize()
     summary = _summary(out, info, seconds, frames_new)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(out / "summary.json", summary)
     print(f"wrote {summary['episodes']} episodes, {summary['frames']} frames to {out.resolve()}")
     return summary
 

@@ -48,6 +48,7 @@ from vla.checkpoint import ACTION_STATS_FILE, load_action_tokenizers, pick_actio
 from vla.dataset import LeRobotDataset
 from vla.model import IGNORE_INDEX, VLA, build_inputs, load_model, model_inputs
 from vla.run_state import (
+    write_json,
     STATE_FILE,
     STATE_TENSORS,
     check_output_dir,
@@ -514,7 +515,7 @@ def train_dpo(cfg: DPOConfig) -> dict:
         "preferences": str(prefs.root.resolve()), "checkpoint": str(out / "final"), "device": str(device),
         "seconds": time.perf_counter() - t0, "weights_digest": weights_digest(model),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json(out / "summary.json", summary)
     log.close()
     tqdm.write(f"wrote {out / 'final'} and {out / 'summary.json'}")
     return summary

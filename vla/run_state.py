@@ -115,6 +115,13 @@ def write_atomically(target: Path, write) -> None:
     os.replace(tmp, target)
 
 
+def write_json(path: Path, obj) -> None:
+    """``obj`` as indented JSON at ``path``, atomically: a reader sees the old file or the new one, never half."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
 def prune_checkpoints(checkpoints: Path, keep: int) -> None:
     steps = sorted((int(m.group(1)), p) for p in checkpoints.iterdir() if (m := _STEP_DIR.fullmatch(p.name)))
     for _, path in steps[:-keep]:

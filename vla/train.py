@@ -45,6 +45,7 @@ from vla.checkpoint import save_checkpoint
 from vla.dataset import DatasetError, DatasetWriter, Episode, LeRobotDataset
 from vla.model import PROMPT_TEMPLATE, VLA, VLAModelConfig, build_inputs, build_vla, load_model, model_inputs
 from vla.run_state import (
+    write_json,
     STATE_FILE,
     STATE_TENSORS,
     check_output_dir,
@@ -625,7 +626,7 @@ def _train(cfg: SFTConfig, env: _Dist) -> dict:
     }
     if env.rank == 0:
         write_atomically(out / "final", lambda tmp: save_checkpoint(vla, {dataset_name: action_tok}, tmp))
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_json(out / "summary.json", summary)
         tqdm.write(f"wrote {out / 'final'} and {out / 'summary.json'}")
     log.close()
     return summary
