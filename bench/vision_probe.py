@@ -72,7 +72,7 @@ def run(root: str, kind: str, steps: int, sigma: float = 4.0, seed: int = 0) -> 
     ds = LeRobotDataset(root)
     images = np.stack([ds[i]["image"] for i in range(len(ds))])
     actions = ds._columns["action"][:, :2].astype(np.float32)
-    episodes = np.array([ds[i]["episode_index"] for i in range(len(ds))])
+    episodes = ds._columns["episode_index"]  # LeRobotDataset has no public column accessor
     val = episodes % 10 == 0
     q = np.quantile(actions[~val], [0.01, 0.99], axis=0)
     tok = ActionTokenizer(q[0], q[1], token_offset=0, n_bins=256, absolute_dims=())

@@ -182,10 +182,9 @@ def main() -> None:
         extra = {"pipeline_dir": args.pipeline_dir} if name == "pipeline" else {}
         results[name] = SECTIONS[name](args.seconds, **extra)
         print(json.dumps(results[name], indent=2), flush=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, out)
+    from vla.run_state import write_json
+
+    write_json(out, results)
     print(f"wrote {out}")
 
 

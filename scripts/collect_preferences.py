@@ -44,7 +44,7 @@ from tasks.parallel import check_backend, worker_pool
 from tasks.rollout import rollout
 from tasks.suites import SUITES, resolve_tasks
 from vla.checkpoint import ACTION_STATS_FILE
-from vla.dataset import DatasetError, DatasetWriter, Episode, is_complete
+from vla.dataset import DatasetError, DatasetWriter, Episode, atomic_write, is_complete
 from vla.dpo import PAIRS_FILE, ROLLOUTS_FILE
 from vla.run_state import write_json
 
@@ -183,9 +183,7 @@ def judge_start(cfg: CollectConfig, start: dict, runs: list, budget: int) -> dic
 
 
 def _write_table(path: Path, table: pa.Table) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda p: pq.write_table(table, p))
 
 
 def _tables(records: list[dict]) -> tuple[pa.Table, pa.Table]:

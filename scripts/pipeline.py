@@ -27,12 +27,14 @@ from collect_preferences import CollectConfig, collect
 from evaluate import EvalConfig, evaluate
 from generate_demos import DemoConfig, generate
 from hydra.core.config_store import ConfigStore
+from policy_factory import BUILTIN
 from omegaconf import OmegaConf
 
 from tasks.judge import JudgeWeights
 from tasks.parallel import check_backend
-from vla.dataset import DatasetError
+from vla.dataset import DatasetError, atomic_write
 from vla.dpo import DPOConfig, DPOError, train_dpo
+from vla.run_state import write_json
 from vla.train import ModelConfig, SFTConfig, SFTError, TrainConfig, train
 
 STAGES = ("demos", "sft", "eval", "prefs", "dpo", "eval_dpo")
@@ -139,7 +141,7 @@ class Pipeline:
         return {"model": asdict(c.sft.model), "train": asdict(c.sft.train)}, lambda: train(sft)
 
     def _eval(self, policy: str, suite: str, baseline: str | None = None) -> EvalConfig:
-        c, name = self.cfg, Path(policy).parent.name if policy not in ("expert", "random") else policy
+        c, name = self.cfg, policy if policy in BUILTIN else Path(policy).parent.name
         return EvalConfig(policy=policy, suite=suite, task=c.task, workers=c.workers, backend=c.backend,
                           baseline=baseline, output_dir=str(self.dirs["eval"] / f"{name}-{suite}"),
                           **asdict(c.eval))
@@ -171,10 +173,7 @@ class Pipeline:
         return json.loads(path.read_text()) if path.is_file() else {"stages": {}}
 
     def _save_state(self, state: dict) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        tmp = self.out / f".{STATE_FILE}.tmp"
-        tmp.write_text(json.dumps(state, indent=2))
-        os.replace(tmp, self.out / STATE_FILE)
+        write_json(self.out / STATE_FILE, state)
 
     def run(self) -> dict:
         state, selected = self._state(), self.cfg.selected()
@@ -198,8 +197,8 @@ class Pipeline:
         results = self.table()
         seconds = {k: v["seconds"] for k, v in state["stages"].items()}
         results["stage_seconds"] = seconds | {"total": round(sum(seconds.values()), 1)}
-        _write(self.out / "results.json", json.dumps(results, indent=2))
-        _write(self.out / "results.md", results["markdown"])
+        write_json(self.out / "results.json", results)
+        atomic_write(self.out / "results.md", lambda p: p.write_text(results["markdown"]))
         print(results["markdown"])
         return results
 
@@ -235,12 +234,6 @@ class Pipeline:
 
 def _digest(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def register_configs() -> None:

@@ -10,7 +10,6 @@ any number of workers (tested). Finished episodes are appended to
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from tqdm import tqdm
 from tasks import make_env
 from tasks.parallel import worker_pool
 from tasks.rollout import rollout_batch
+from vla.dataset import atomic_write
 
 RESULTS_FILE = "episodes.jsonl"
 
@@ -81,11 +81,9 @@ def _run(chunk: list[tuple[dict, bool]]) -> list[dict]:
 
 def write_gif(frames: list[np.ndarray], path: Path, fps: int) -> None:
     """Frames (H, W, 3) uint8 -> an animated GIF, written atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     images = [Image.fromarray(f) for f in frames]
-    images[0].save(tmp, format="GIF", save_all=True, append_images=images[1:], duration=int(1000 / fps), loop=0)
-    os.replace(tmp, path)
+    atomic_write(path, lambda p: images[0].save(p, format="GIF", save_all=True, append_images=images[1:],
+                                                duration=int(1000 / fps), loop=0))
 
 
 def load_results(out_dir: Path) -> dict[str, dict]:

@@ -95,7 +95,7 @@ def _image_stats(hist: np.ndarray, frames: int) -> dict[str, list]:
     return {**{k: v.reshape(3, 1, 1).tolist() for k, v in out.items()}, "count": [frames]}
 
 
-def _atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
+def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
     """Call `write(tmp)` on a temp file beside `path`, fsync it, then move it onto `path` with os.replace."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -109,11 +109,11 @@ def _atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    _atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=4, ensure_ascii=False) + "\n"))
+    atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=4, ensure_ascii=False) + "\n"))
 
 
 def _write_parquet(path: Path, table: pa.Table) -> None:
-    _atomic_write(path, lambda p: pq.write_table(table, p))
+    atomic_write(path, lambda p: pq.write_table(table, p))
 
 
 def _read_json(path: Path) -> Any:

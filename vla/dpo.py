@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from vla.action_tokenizer import ActionTokenizer
 from vla.checkpoint import ACTION_STATS_FILE, load_action_tokenizers, pick_action_tokenizer, save_checkpoint
-from vla.dataset import LeRobotDataset
+from vla.dataset import LeRobotDataset, atomic_write
 from vla.model import IGNORE_INDEX, VLA, build_inputs, load_model, model_inputs
 from vla.run_state import (
     write_json,
@@ -328,9 +328,7 @@ def _write_reference(path: Path, ref: dict[int, np.ndarray], policy: str, digest
     table = pa.table({"episode_index": pa.array(list(ref), pa.int64()),
                       "logps": pa.array([v.tolist() for v in ref.values()], pa.list_(pa.float64()))})
     table = table.replace_schema_metadata({"policy": policy, "weights_digest": digest})
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda p: pq.write_table(table, p))
 
 
 def _read_reference(path: Path, prefs: PreferenceSet) -> dict[int, np.ndarray]:

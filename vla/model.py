@@ -182,23 +182,20 @@ class _Arch:
 
     model_class: type[PreTrainedModel]
     make_config: Callable[[VLAModelConfig, PreTrainedTokenizerFast], PretrainedConfig]
-    # Prompt layout: Llava reads "<s> <image>*N prompt"; PaliGemma reads "<image>*N <s> prompt \n" as a
-    # bidirectional prefix (token_type_ids 0) and the actions as a causal suffix (token_type_ids 1).
-    image_before_bos: bool
-    prefix_separator: str
-    uses_token_type_ids: bool
-    position_offset: int  # PaliGemma counts positions from 1
-    unused_parameters: tuple[str, ...]  # parameter-name prefixes the forward pass never reads
+    # Prompt layout: Llava and FastVLM read "<s> <image>*N prompt" (the defaults); PaliGemma reads
+    # "<image>*N <s> prompt \n" as a bidirectional prefix (token_type_ids 0) and the actions as a causal suffix
+    # (token_type_ids 1).
+    image_before_bos: bool = False
+    prefix_separator: str = ""
+    uses_token_type_ids: bool = False
+    position_offset: int = 0  # PaliGemma counts positions from 1
+    unused_parameters: tuple[str, ...] = ()  # parameter-name prefixes the forward pass never reads
 
 
 ARCHITECTURES: dict[str, _Arch] = {
     "llava": _Arch(
         model_class=LlavaForConditionalGeneration,
         make_config=_llava_config,
-        image_before_bos=False,
-        prefix_separator="",
-        uses_token_type_ids=False,
-        position_offset=0,
         # vision_feature_layer=-1 takes hidden_states[-1], which SigLIP returns before its post-layernorm.
         unused_parameters=("model.vision_tower.post_layernorm.",),
     ),
@@ -206,11 +203,6 @@ ARCHITECTURES: dict[str, _Arch] = {
     "fast_vlm": _Arch(
         model_class=FastVlmForConditionalGeneration,
         make_config=_fastvlm_config,
-        image_before_bos=False,
-        prefix_separator="",
-        uses_token_type_ids=False,
-        position_offset=0,
-        unused_parameters=(),
     ),
     "paligemma": _Arch(
         model_class=PaliGemmaForConditionalGeneration,
@@ -219,7 +211,6 @@ ARCHITECTURES: dict[str, _Arch] = {
         prefix_separator="\n",
         uses_token_type_ids=True,
         position_offset=1,
-        unused_parameters=(),
     ),
 }
 

@@ -18,6 +18,8 @@ import torch
 from safetensors.torch import load_file
 from transformers.utils import logging as hf_logging
 
+from vla.dataset import atomic_write
+
 STATE_FILE = "trainer_state.json"
 STATE_TENSORS = "trainer_state.safetensors"
 _STEP_DIR = re.compile(r"step-(\d+)")
@@ -117,9 +119,7 @@ def write_atomically(target: Path, write) -> None:
 
 def write_json(path: Path, obj) -> None:
     """``obj`` as indented JSON at ``path``, atomically: a reader sees the old file or the new one, never half."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2)))
 
 
 def prune_checkpoints(checkpoints: Path, keep: int) -> None:
