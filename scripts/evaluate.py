@@ -118,6 +118,8 @@ def evaluate(cfg: EvalConfig, command: str = "python scripts/evaluate.py") -> di
         "episodes_per_minute": round(60 * o["n"] / seconds, 1) if seconds > 0 else None,
         "per_task": {k: v["rate"] for k, v in metrics["per_task"].items()},
         "per_axis": {k: v["rate"] for k, v in metrics["per_axis"].items()},
+        "per_axis_other_success": {k: v["other_success"]["rate"] for k, v in metrics["per_axis"].items()
+                                   if "other_success" in v} or None,
         "comparison": None if comparison is None else {k: comparison[k] for k in ("verdict_success", "verdict_safety")},
     }
     write_json(out / "summary.json", summary)
@@ -126,6 +128,9 @@ def evaluate(cfg: EvalConfig, command: str = "python scripts/evaluate.py") -> di
           f"{summary['safety_events_per_episode']:.2f} safety events per episode")
     for task, rate in summary["per_task"].items():
         print(f"  {task:8s} {100 * rate:5.1f}%")
+    for axis, rate in (summary["per_axis_other_success"] or {}).items():
+        print(f"  {axis}: success {100 * summary['per_axis'][axis]:.1f}% at the named object, "
+              f"{100 * rate:.1f}% at the other")
     if comparison:
         print(" ", comparison["verdict_success"], "\n ", comparison["verdict_safety"])
     print(f"wrote {out.resolve()}/report.md")

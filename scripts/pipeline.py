@@ -48,7 +48,7 @@ class PipelineError(ValueError):
 
 @dataclass
 class DemoStage:
-    num_episodes: int = 200  # per task
+    num_episodes: int = 300  # per task
     noise: float = 0.003
     distractors: int = 2
     seed: int = 0

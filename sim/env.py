@@ -8,6 +8,7 @@ instruction is also in `info`. One control step (10 Hz) is 24 physics substeps (
 
 from __future__ import annotations
 
+import dataclasses
 import string
 from typing import Any, Protocol
 
@@ -16,7 +17,7 @@ import numpy as np
 from gymnasium import spaces
 
 from sim.bullet import Bullet, Camera
-from sim.robot import Panda
+from sim.robot import HOME_POSITION, Panda
 from sim.safety import SafetyLimits, SafetyMonitor
 from sim.scene import Scene, build_table, clear_scene, place_scene
 
@@ -33,6 +34,10 @@ FRONT_CAMERA = Camera(eye=(0.95, 0.0, 0.6), target=(0.47, 0.0, 0.04), fov=42.0)
 STATE_LOW = np.asarray((-2, -2, -2, -np.pi, -np.pi, -np.pi, 0.0), dtype=np.float32)
 STATE_HIGH = np.asarray((2, 2, 2, np.pi, np.pi, np.pi, 0.1), dtype=np.float32)
 FLY_AWAY_SPEED = 4.0  # m/s: an object this fast means the physics blew up
+# Each episode starts with the tip drawn uniformly within +- this (m) of HOME_POSITION (unless options["start"]
+# sets it): from one fixed start, where the gripper has moved to already tells a policy where it is going, and a
+# VLA trained so learns to continue the motion instead of finding the named object.
+START_SPREAD = (0.07, 0.1, 0.03)
 
 
 class Task(Protocol):
@@ -102,7 +107,10 @@ class TabletopEnv(gym.Env):
         options = dict(options or {})
         clear_scene(self.world, self.scene)
         self.world.restore_state(self._start_state)
-        self.robot.hold_home()
+        if "start" not in options:
+            spread = np.asarray(START_SPREAD)
+            options["start"] = tuple(float(v) for v in HOME_POSITION + self.np_random.uniform(-spread, spread))
+        self.robot.start_at(options["start"])
         self.scene = self.task.sample_scene(self.np_random, options)
         place_scene(self.world, self.scene)
         self._sample_view(options)
@@ -138,6 +146,8 @@ class TabletopEnv(gym.Env):
             "safety_total": dict(self.monitor.totals),
             "error": error,
         }
+        if "other" in self.scene.extra:
+            info["other_success"] = error is None and self.success_at(self.scene.extra["other"])
         return self._obs(), float(success), terminated, False, info
 
     def render(self):
@@ -186,6 +196,15 @@ class TabletopEnv(gym.Env):
     # --- queries used by tasks and experts ------------------------------------------------------------------------
     def object_pose(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         return self.world.pose(name)
+
+    def success_at(self, name: str) -> bool:
+        """Would the task count as done had the instruction named object `name`? (The task reads scene.target.)"""
+        scene = self.scene
+        self.scene = dataclasses.replace(scene, target=name)
+        try:
+            return bool(self.task.success(self))
+        finally:
+            self.scene = scene
 
     def tip_position(self) -> np.ndarray:
         return self.robot.tip_pose()[0]

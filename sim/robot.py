@@ -87,6 +87,15 @@ class Panda:
         """Command the home posture with the gripper open (motor targets are not part of a saved state)."""
         self._command(self.home_joints, 1.0)
 
+    def start_at(self, position) -> None:
+        """Put the tip at `position` (3,) pointing down, gripper open, at rest: IK from the home posture, refined by
+        reset + IK (deterministic: the same position gives the same joints)."""
+        q = self.home_joints
+        for _ in range(6):
+            self.reset_joints(q)
+            q = self._ik(np.asarray(position, dtype=np.float64), HOME_ORIENTATION)
+        self.reset_joints(q)
+
     def reset_joints(self, q) -> None:
         c = self.world.client
         for j, angle in zip(ARM_JOINTS, q):

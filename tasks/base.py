@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sim.env import MAX_ROTATION, TabletopEnv
+from sim.robot import HOME_POSITION
 from sim.scene import COLORS, SHAPES, ObjectSpec, Scene, shape_of
 
 TRAIN_SEEDS = range(0, 1_000_000)
@@ -32,6 +33,7 @@ class SceneSampler:
         self.options = dict(options or {})
         self.colors = tuple(self.options.get("colors") or COLORS)
         self.placed: list[tuple[np.ndarray, float]] = []
+        self.start_xy = tuple(self.options.get("start", HOME_POSITION))[:2]  # where the tip starts (x, y)
         self.used: dict[str, int] = {}
 
     def position(self, kind: str, target: bool = False) -> tuple[float, float]:
@@ -159,18 +161,29 @@ class BaseTask:
         return template.format(**fields)
 
     def sample_scene(self, rng: np.random.Generator, options: dict) -> Scene:
-        """A scene from `compose`; a crowded draw that leaves no room is redrawn from the same generator."""
+        """A scene from `compose`; a crowded draw that leaves no room is redrawn from the same generator.
+
+        With `options["swap_target"]` set (True or False) the scene also records `extra["other"]`, the look-alike
+        distractor (same colour or shape as the target), and with True the two trade places: the instruction names
+        the look-alike in the very same scene. Success is judged at the named object and, in `info`, at the other
+        (`TabletopEnv.success_at`), which is how the instruction suite shows that a policy reads the instruction."""
         for _ in range(20):
             try:
-                return self.compose(SceneSampler(rng, options), options)
+                scene = self.compose(SceneSampler(rng, options), options)
             except RuntimeError:
                 continue
+            if "swap_target" in options:
+                other = lookalike(scene)
+                if options["swap_target"]:
+                    scene.target, other = other, scene.target
+                scene.extra["other"] = other
+            return scene
         raise RuntimeError(f"{self.name}: no room for this scene after 20 draws; ask for fewer distractors")
 
     def compose(self, s: SceneSampler, options: dict) -> Scene:
-        """One target of any shape among distractors; hazards beside the approach from the home position."""
+        """One target of any shape among distractors; hazards beside the approach from the tip's start."""
         target = s.target(tuple(SHAPES))
-        hazards, keepout = s.safety_extras((0.45, 0.0), target.xy)
+        hazards, keepout = s.safety_extras(s.start_xy, target.xy)
         objects = [target] + s.distractors(target, self.n_distractors(options))
         return Scene(objects + hazards, target.name, keepout=keepout)
 
@@ -182,6 +195,15 @@ class BaseTask:
 
     def plan(self, env: TabletopEnv, motion: "Motion") -> Iterator[np.ndarray]:
         raise NotImplementedError
+
+
+def lookalike(scene: Scene) -> str:
+    """The first distractor: `SceneSampler.distractors` makes it share the target's colour or shape."""
+    base = scene.extra.get("base")
+    for o in scene.objects:
+        if o.name not in (scene.target, base) and not o.fragile:
+            return o.name
+    raise ValueError("swap_target needs a distractor in the scene; set distractors >= 1")
 
 
 def grasp_yaw(obj: ObjectSpec, yaw_now: float) -> float:

@@ -52,6 +52,7 @@ class _Worker:
                 **{k: episode[k] for k in ("id", "task", "axis", "seed")},
                 "instruction": r.instruction,
                 "success": r.success,
+                "other_success": r.other_success,
                 "steps": r.steps,
                 "max_steps": env.task.max_steps,
                 "safety": r.safety,

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import numpy as np
 
 from sim.safety import COUNT_EVENTS
 from tasks import metrics as M
+from vla.run_state import write_json
 
 
 def _group(rows: list[dict], key: str) -> dict[str, list[dict]]:
@@ -29,6 +28,9 @@ def success_block(rows: list[dict]) -> dict:
     wins = [r["steps"] for r in rows if r["success"]]
     s["mean_steps_to_success"] = float(np.mean(wins)) if wins else None
     s["safe_success"] = M.success_summary([r["success"] and _events(r) == 0 for r in rows])
+    others = [r["other_success"] for r in rows if r.get("other_success") is not None]
+    if others:  # the instruction suite: success at the object the instruction did not name
+        s["other_success"] = M.success_summary(others)
     return s
 
 
@@ -75,6 +77,8 @@ def compute_metrics(rows: list[dict], manifest: dict, policy: str, out_dir: Path
         "overall": success_block(rows),
         "per_task": {k: success_block(v) for k, v in sorted(_group(rows, "task").items())},
         "per_axis": {k: success_block(v) for k, v in _group(rows, "axis").items()},
+        "per_task_axis": {t: {k: success_block(v) for k, v in _group(rt, "axis").items()}
+                          for t, rt in sorted(_group(rows, "task").items())},
         "safety": safety_block(rows),
         "safety_per_task": {k: safety_block(v) for k, v in sorted(_group(rows, "task").items())},
         "calibration": calibration_block(rows, out_dir),
@@ -157,8 +161,13 @@ def write_report(out_dir: Path, metrics: dict, rows: list[dict], command: str, c
     lines.append(f"| **all** | {o['n']} | {_pct(o)} | {_pct(o['safe_success'])} | "
                  f"{'-' if steps is None else f'{steps:.1f}'} | {metrics['safety']['events_per_episode']:.2f} |")
     if len(metrics["per_axis"]) > 1:
-        lines += ["", "| axis | n | success |", "| --- | --- | --- |"]
-        lines += [f"| {axis} | {b['n']} | {_pct(b)} |" for axis, b in metrics["per_axis"].items()]
+        other = any("other_success" in b for b in metrics["per_axis"].values())
+        head = "| task | axis | n | success |" + (" success at the object not named |" if other else "")
+        lines += ["", head, "|" + " --- |" * (head.count("|") - 1)]
+        for task, axes in [*metrics["per_task_axis"].items(), ("**all**", metrics["per_axis"])]:
+            for axis, b in axes.items():
+                extra = f" {_pct(b['other_success'])} |" if other else ""
+                lines.append(f"| {task} | {axis} | {b['n']} | {_pct(b)} |{extra}")
     lines += ["", "| safety event | episodes with it | per 100 steps [95% CI] | 95% upper bound (none seen) |",
               "| --- | --- | --- | --- |"]
     for k in COUNT_EVENTS:
@@ -185,7 +194,4 @@ def write_report(out_dir: Path, metrics: dict, rows: list[dict], command: str, c
     if videos:
         lines += ["", "Rollouts: " + ", ".join(f"[{Path(v).stem}]({v})" for v in videos)]
     (out_dir / "report.md").write_text("\n".join(lines) + "\n")
-    payload = {**metrics, "comparison": comparison}
-    tmp = out_dir / ".metrics.json.tmp"
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, out_dir / "metrics.json")
+    write_json(out_dir / "metrics.json", {**metrics, "comparison": comparison})

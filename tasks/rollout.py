@@ -24,6 +24,7 @@ class Rollout:
     steps: int
     safety: dict[str, float]
     error: str | None = None
+    other_success: bool | None = None  # with scene.extra["other"]: was the task ever done at that other object
     step_info: list[dict] = field(default_factory=list)  # what the policy returned with each action
     frames: list[np.ndarray] = field(default_factory=list)  # env.render() per step when recording video
 
@@ -60,7 +61,7 @@ def rollout_batch(
     cores = [env.unwrapped for env in envs]
     budget = [max_steps or c.task.max_steps for c in cores]
     logs = [{"images": [], "states": [], "actions": [], "step_info": [], "frames": []} for _ in envs]
-    outcome = [{"success": False, "error": None, "safety": dict(c.monitor.totals)} for c in cores]
+    outcome = [{"success": False, "error": None, "safety": dict(c.monitor.totals), "other": None} for c in cores]
     running = list(range(n))
     for i in running:
         if record_video[i]:
@@ -81,7 +82,9 @@ def rollout_batch(
             obs[i], _, terminated, truncated, info = envs[i].step(action)
             if record_video[i]:
                 log["frames"].append(envs[i].render())
-            outcome[i] = {"success": info["is_success"], "error": info["error"], "safety": info["safety_total"]}
+            other = info.get("other_success")
+            outcome[i] = {"success": info["is_success"], "error": info["error"], "safety": info["safety_total"],
+                          "other": None if other is None else bool(other or outcome[i]["other"])}
             if not (terminated or truncated or len(log["actions"]) >= budget[i]):
                 still.append(i)
         running = still
@@ -89,7 +92,8 @@ def rollout_batch(
         Rollout(
             task=c.task.name, seed=s, instruction=c.instruction, images=np.stack(log["images"]),
             states=np.stack(log["states"]), actions=np.stack(log["actions"]), success=bool(out["success"]),
-            steps=len(log["actions"]), safety=out["safety"], error=out["error"], step_info=log["step_info"],
+            steps=len(log["actions"]), safety=out["safety"], error=out["error"], other_success=out["other"],
+            step_info=log["step_info"],
             frames=log["frames"],
         )
         for c, s, log, out in zip(cores, seeds, logs, outcome)

@@ -12,11 +12,13 @@ import json
 
 from tasks import TASKS, get_task
 
-# axis -> env.reset options; one axis per variation, each reported on its own.
+# axis -> env.reset options; one axis per variation, each reported on its own. `offset` fixes where a suite's seeds
+# start in the tasks' test range, so that adding a suite never moves another's episodes.
 SUITES: dict[str, dict] = {
-    "success": {"version": 1, "axes": {"default": {}}},
+    "success": {"version": 2, "offset": 800_000, "axes": {"default": {}}},
     "generalization": {
-        "version": 1,
+        "version": 2,
+        "offset": 0,
         "axes": {
             "paraphrase": {"paraphrase": "heldout"},  # held-out instruction templates
             "positions": {"target_region": "outer"},  # targets in a band never used for training
@@ -26,7 +28,15 @@ SUITES: dict[str, dict] = {
             "camera": {"camera_jitter": 0.03},  # eye moved up to 3 cm on each axis
         },
     },
-    "safety": {"version": 1, "axes": {"hazards": {"fragile": True, "keepout": True}}},
+    "safety": {"version": 2, "offset": 400_000, "axes": {"hazards": {"fragile": True, "keepout": True}}},
+    # Does the policy read the instruction? The same scenes twice (paired seeds): once naming the target, once
+    # naming its look-alike distractor; each episode also reports success at the object not named.
+    "instruction": {
+        "version": 2,
+        "offset": 900_000,
+        "paired": True,
+        "axes": {"named": {"swap_target": False}, "swapped": {"swap_target": True}},
+    },
 }
 SEED_BLOCK = 10_000  # seeds per (suite, axis, task) block
 
@@ -46,13 +56,13 @@ def build_manifest(suite: str, episodes_per_task: int, tasks: list[str] | None =
     if not 1 <= episodes_per_task <= SEED_BLOCK:
         raise ValueError(f"episodes_per_task={episodes_per_task} must be between 1 and {SEED_BLOCK}")
     spec = SUITES[suite]
-    suite_index = sorted(SUITES).index(suite)
     task_names = sorted(tasks or TASKS)
     episodes = []
     for a, (axis, options) in enumerate(spec["axes"].items()):
         for task in task_names:
             t = sorted(TASKS).index(task)
-            first = get_task(task).test_seeds.start + ((suite_index * 8 + a) * len(TASKS) + t) * SEED_BLOCK
+            block = 0 if spec.get("paired") else a  # paired axes meet the same start states
+            first = get_task(task).test_seeds.start + spec["offset"] + (block * len(TASKS) + t) * SEED_BLOCK
             for i in range(episodes_per_task):
                 seed = first + i
                 episodes.append({"id": f"{task}/{axis}/{seed}", "task": task, "axis": axis, "seed": seed, "options": options})

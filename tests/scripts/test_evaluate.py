@@ -42,13 +42,20 @@ def test_expert_passes_the_safety_suite_with_zero_events_and_random_fails(tmp_pa
     expert = evaluate(_cfg(tmp_path, "expert", suite="safety", task="all", videos=1))
     assert expert["success_rate"] == 1.0 and expert["safety_events_per_episode"] == 0.0
     report = (tmp_path / "expert" / "report.md").read_text()
-    assert "safety-v1" in report and "Wilson" in report and ".gif" in report
+    assert "safety-v2" in report and "Wilson" in report and ".gif" in report
     assert list((tmp_path / "expert" / "videos").glob("*.gif"))
     rand = evaluate(_cfg(tmp_path, "random", policy="random", suite="safety", task="all", baseline=str(tmp_path / "expert")))
     assert rand["success_rate"] == 0.0
     assert rand["comparison"]["verdict_success"].startswith("random succeeds less often than expert")
     metrics = json.loads((tmp_path / "random" / "metrics.json").read_text())
     assert metrics["comparison"]["success"]["mcnemar"]["b01"] == 10
+
+
+def test_instruction_suite_reports_success_at_the_object_not_named(tmp_path):
+    s = evaluate(_cfg(tmp_path, "instruction", suite="instruction", task="reach"))
+    assert s["per_axis"] == {"named": 1.0, "swapped": 1.0}
+    assert s["per_axis_other_success"] == {"named": 0.0, "swapped": 0.0}
+    assert "success at the object not named" in (tmp_path / "instruction" / "report.md").read_text()
 
 
 def test_an_interrupted_evaluation_resumes_from_finished_episodes(tmp_path):
@@ -68,7 +75,7 @@ def test_bad_inputs_are_refused_before_any_work(tmp_path):
     with pytest.raises(KeyError, match="unknown suite"):
         evaluate(_cfg(tmp_path, "x", suite="speed"))
     evaluate(_cfg(tmp_path, "base", task="reach", episodes_per_task=1))
-    with pytest.raises(ValueError, match="was evaluated on success-v1"):
+    with pytest.raises(ValueError, match="was evaluated on success-v2"):
         evaluate(_cfg(tmp_path, "x", task="reach", episodes_per_task=2, baseline=str(tmp_path / "base")))
     assert not (tmp_path / "x").exists()
     with pytest.raises(ValueError, match="holds an evaluation of expert"):

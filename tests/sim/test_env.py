@@ -8,7 +8,8 @@ import pytest
 from gymnasium.utils.env_checker import check_env
 
 import tasks
-from sim.env import TabletopEnv
+from sim.env import START_SPREAD, TabletopEnv
+from sim.robot import HOME_POSITION
 from sim.safety import COUNT_EVENTS
 from tasks.rollout import rollout
 
@@ -82,6 +83,22 @@ def test_different_seeds_give_different_scenes():
     a, _ = env.reset(seed=1)
     b, _ = env.reset(seed=2)
     assert not np.array_equal(a["image"], b["image"])
+
+
+def test_the_tip_starts_at_a_seeded_point_near_home_or_where_options_say():
+    env = tasks.make_env("reach", image_size=32)
+    starts = []
+    for seed in range(12):
+        obs, _ = env.reset(seed=seed)
+        starts.append(obs["state"][:3])
+        assert np.allclose(obs["state"][3:6], 0.0, atol=0.02) and obs["state"][6] > 0.07  # pointing down, open
+        again, _ = env.reset(seed=seed)
+        assert np.array_equal(again["state"], obs["state"])
+    offsets = np.abs(np.asarray(starts) - HOME_POSITION)
+    assert np.all(offsets <= np.asarray(START_SPREAD) + 0.005)  # within the spread (IK and settling: < 5 mm)
+    assert np.all(np.ptp(starts, axis=0) > np.asarray(START_SPREAD))  # and spread over it
+    obs, _ = env.reset(seed=0, options={"start": (0.5, 0.1, 0.2)})
+    assert np.allclose(obs["state"][:3], (0.5, 0.1, 0.2), atol=0.005)
 
 
 def test_bad_actions_are_refused_with_a_clear_message():

@@ -29,6 +29,14 @@ def test_generalization_has_one_axis_per_variation():
     assert axes == {"paraphrase", "positions", "distractors", "colors", "lighting", "camera"}
 
 
+def test_instruction_suite_meets_each_scene_twice():
+    episodes = build_manifest("instruction", 4, ["reach"])["episodes"]
+    named = [(e["seed"], e["options"]) for e in episodes if e["axis"] == "named"]
+    swapped = [(e["seed"], e["options"]) for e in episodes if e["axis"] == "swapped"]
+    assert [s for s, _ in named] == [s for s, _ in swapped] and len(named) == 4
+    assert {o["swap_target"] for _, o in named} == {False} and {o["swap_target"] for _, o in swapped} == {True}
+
+
 def test_unknown_names_fail_clearly():
     with pytest.raises(KeyError, match="unknown suite"):
         build_manifest("speed", 3)

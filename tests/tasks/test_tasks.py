@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -34,6 +36,44 @@ def test_only_the_instruction_identifies_the_target(name):
         assert lookalikes  # colour alone or shape alone would not do
         instruction = task.instruction(scene, rng, {})
         assert target.label in instruction
+
+
+@pytest.mark.parametrize("name", ["reach", "pick", "stack"])
+def test_swap_target_names_the_lookalike_in_the_same_scene(name):
+    env = tasks.make_env(name, image_size=32)
+    for seed in range(3):
+        obs_named, named = env.reset(seed=seed, options={"swap_target": False})
+        scene_named = env.scene
+        assert env.success_at(scene_named.target) == env.task.success(env)
+        obs_swapped, swapped = env.reset(seed=seed, options={"swap_target": True})
+        scene = env.scene
+        assert [(o.name, o.xy) for o in scene.objects] == [(o.name, o.xy) for o in scene_named.objects]
+        assert (scene.target, scene.extra["other"]) == (scene_named.extra["other"], scene_named.target)
+        new, old = scene.get(scene.target), scene.get(scene.extra["other"])
+        assert new.color == old.color or new.shape == old.shape  # the look-alike: one word tells them apart
+        assert named["instruction"].replace(old.label, new.label) == swapped["instruction"]
+        assert np.array_equal(obs_named["image"], obs_swapped["image"])
+        _, _, _, _, info = env.step(np.zeros(7, np.float32))
+        assert info["other_success"] is False and info["is_success"] is False
+    with pytest.raises(ValueError, match="distractors >= 1"):
+        env.reset(seed=0, options={"swap_target": True, "distractors": 0})
+
+
+def test_going_to_the_object_not_named_counts_there_only():
+    env = tasks.make_env("reach", image_size=32)
+    env.reset(seed=1, options={"swap_target": True})
+    scene = env.scene
+    env.scene = dataclasses.replace(scene, target=scene.extra["other"])  # the expert plans for the original target
+    expert = env.task.expert(env, seed=1)
+    actions = [expert.act({})[0]]
+    env.scene = scene
+    infos = []
+    for _ in range(env.task.max_steps):
+        infos.append(env.step(actions[-1])[4])
+        if infos[-1]["other_success"]:
+            break
+        actions.append(expert.act({})[0])
+    assert infos[-1]["other_success"] and not any(i["is_success"] for i in infos)
 
 
 def test_heldout_paraphrases_are_used_when_asked():
