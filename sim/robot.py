@@ -83,13 +83,10 @@ class Panda:
         self.reset_joints(q)
         return q
 
-    def hold_home(self) -> None:
-        """Command the home posture with the gripper open (motor targets are not part of a saved state)."""
-        self._command(self.home_joints, 1.0)
-
     def start_at(self, position) -> None:
-        """Put the tip at `position` (3,) pointing down, gripper open, at rest: IK from the home posture, refined by
-        reset + IK (deterministic: the same position gives the same joints)."""
+        """Put the tip at `position` (3,) pointing down, gripper open, at rest, and command that posture (motor
+        targets are not part of a saved state): IK from the home posture, refined by reset + IK (deterministic: the
+        same position gives the same joints)."""
         q = self.home_joints
         for _ in range(6):
             self.reset_joints(q)
