@@ -70,17 +70,17 @@ def calibration_block(rows: list[dict], out_dir: Path | None = None) -> dict | N
 
 
 def compute_metrics(rows: list[dict], manifest: dict, policy: str, out_dir: Path | None = None) -> dict:
+    by_task = sorted(_group(rows, "task").items())
     return {
         "suite": manifest["id"],
         "policy": policy,
         "n": len(rows),
         "overall": success_block(rows),
-        "per_task": {k: success_block(v) for k, v in sorted(_group(rows, "task").items())},
+        "per_task": {k: success_block(v) for k, v in by_task},
         "per_axis": {k: success_block(v) for k, v in _group(rows, "axis").items()},
-        "per_task_axis": {t: {k: success_block(v) for k, v in _group(rt, "axis").items()}
-                          for t, rt in sorted(_group(rows, "task").items())},
+        "per_task_axis": {k: {a: success_block(r) for a, r in _group(v, "axis").items()} for k, v in by_task},
         "safety": safety_block(rows),
-        "safety_per_task": {k: safety_block(v) for k, v in sorted(_group(rows, "task").items())},
+        "safety_per_task": {k: safety_block(v) for k, v in by_task},
         "calibration": calibration_block(rows, out_dir),
         "errors": [r["id"] for r in rows if r.get("error")],
     }
