@@ -61,14 +61,16 @@ class ActionIdsOnly(LogitsProcessor):
 def _setup(arch: str, batch: int, seed: int):
     tokenizer = build_tokenizer([PROMPT_TEMPLATE.format(instruction=text) for text in INSTRUCTIONS] * 10)
     torch.manual_seed(seed)
-    vla = build_vla(VLAModelConfig(arch=arch), tokenizer)
-    vla.model.eval()
     offset = action_token_offset(tokenizer)
+    states = ActionTokenizer(q01=[-1.0] * 7, q99=[1.0] * 7, token_offset=offset, absolute_dims=())
+    vla = build_vla(VLAModelConfig(arch=arch), tokenizer)._replace(state_tokenizer=states)  # as SFT's default
+    vla.model.eval()
     action_tokenizer = ActionTokenizer(q01=[-1.0] * 7, q99=[1.0] * 7, token_offset=offset)
     size = vla.image_processor.size["height"]
     images = np.random.default_rng(seed).integers(0, 256, size=(batch, size, size, 3), dtype=np.uint8)
     instructions = [INSTRUCTIONS[i % len(INSTRUCTIONS)] for i in range(batch)]
-    observations = [{"image": img, "instruction": text} for img, text in zip(images, instructions)]
+    state = np.zeros(7, np.float32)
+    observations = [{"image": img, "instruction": text, "state": state} for img, text in zip(images, instructions)]
     return vla, action_tokenizer, observations
 
 
@@ -80,7 +82,8 @@ def measure(arch: str = "fast_vlm", batch: int = 8, repeats: int = 20, warmup: i
     hf_loop = VLAPolicy(vla, action_tokenizer, fast=False)
     inputs = {
         n: model_inputs(build_inputs(vla, np.stack([o["image"] for o in observations[:n]]),
-                                     [o["instruction"] for o in observations[:n]]))
+                                     [o["instruction"] for o in observations[:n]],
+                                     states=np.stack([o["state"] for o in observations[:n]])))
         for n in (1, batch)
     }  # fmt: skip
     processors = LogitsProcessorList([ActionIdsOnly(lo, lo + action_tokenizer.n_bins)])

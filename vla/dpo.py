@@ -236,11 +236,12 @@ class PreferenceSet:
                 raise DPOError(f"preferences={self.root}: episode {ep} holds token ids outside the policy's "
                                f"{tok.action_dim} x [{lo}, {hi}) action tokens; collect preferences with this policy")
 
-    def steps(self, ep: int, n: int | None = None) -> tuple[np.ndarray, list[str], np.ndarray]:
-        """The first ``n`` (all) steps of episode ``ep``: images (n, H, W, 3) uint8, instructions, token ids (n, D)."""
-        frames = self.frames.episode_frames(ep)[:n]
-        images = np.stack([self.frames[i]["image"] for i in frames])
-        return images, [self.frames.episodes[ep]["instruction"]] * len(frames), self.token_ids[ep][: len(frames)]
+    def steps(self, ep: int, n: int | None = None) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray]:
+        """The first ``n`` (all) steps of episode ``ep``: images (n, H, W, 3) uint8, instructions, token ids (n, D),
+        proprio states (n, S)."""
+        items = [self.frames[i] for i in self.frames.episode_frames(ep)[:n]]
+        return (np.stack([it["image"] for it in items]), [self.frames.episodes[ep]["instruction"]] * len(items),
+                self.token_ids[ep][: len(items)], np.stack([it["state"] for it in items]))
 
 
 def pair_batch(prefs: PreferenceSet, pairs: list[dict], level: str, vla: VLA, ref: dict[int, np.ndarray]) -> dict:
@@ -266,7 +267,7 @@ def pair_batch(prefs: PreferenceSet, pairs: list[dict], level: str, vla: VLA, re
     example_ref = np.zeros(2 * n)
     np.add.at(example_ref, segment, np.concatenate(frame_ref[0] + frame_ref[1]))
     inputs = build_inputs(vla, np.concatenate([p[0] for p in parts]), [t for p in parts for t in p[1]],
-                          np.concatenate([p[2] for p in parts]))
+                          np.concatenate([p[2] for p in parts]), np.concatenate([p[3] for p in parts]))
     return {"inputs": inputs, "segments": torch.from_numpy(segment), "ref": torch.from_numpy(example_ref),
             "n": n}
 
@@ -311,11 +312,11 @@ def reference_logps(vla: VLA, prefs: PreferenceSet, ids: slice, device: torch.de
     model.eval()
     out = {}
     for ep in tqdm(prefs.episodes(), desc="reference", unit="ep", leave=False):
-        images, instructions, token_ids = prefs.steps(ep)
+        images, instructions, token_ids, states = prefs.steps(ep)
         chunks = []
         for s in range(0, len(images), batch_frames):
-            batch = build_inputs(vla, images[s : s + batch_frames], instructions[s : s + batch_frames],
-                                 token_ids[s : s + batch_frames])
+            window = slice(s, s + batch_frames)
+            batch = build_inputs(vla, images[window], instructions[window], token_ids[window], states[window])
             with autocast():
                 chunks.append(action_logps(model, {k: v.to(device) for k, v in batch.items()}, ids).double().cpu())
         out[ep] = torch.cat(chunks).numpy()

@@ -35,6 +35,9 @@ from transformers import (
 from transformers.image_utils import PILImageResampling
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
+from vla.action_tokenizer import ActionTokenizer
+
+STATE_TOKENIZER_FILE = "state_tokenizer.json"
 PROMPT_TEMPLATE = "In: What action should the robot take to {instruction}?\nOut:"
 IGNORE_INDEX = -100
 
@@ -216,16 +219,24 @@ ARCHITECTURES: dict[str, _Arch] = {
 
 
 class VLA(NamedTuple):
-    """A model with the tokenizer and image processor it was trained with; a checkpoint saves all three."""
+    """A model with the tokenizer and image processor it was trained with; a checkpoint saves all three.
+
+    ``state_tokenizer``, when set, makes the model read the robot's proprio state: ``build_inputs`` writes it as
+    one token per state dimension after the image tokens (bins of the dataset's state q01/q99, in the action-token
+    range). It is saved as ``state_tokenizer.json``; a checkpoint without that file reads images and text only.
+    """
 
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerFast
     image_processor: SiglipImageProcessorPil
+    state_tokenizer: ActionTokenizer | None = None
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
         self.image_processor.save_pretrained(path)
+        if self.state_tokenizer is not None:
+            self.state_tokenizer.save(Path(path) / STATE_TOKENIZER_FILE)
 
 
 def _freeze_unused(model: PreTrainedModel) -> PreTrainedModel:
@@ -304,7 +315,9 @@ def load_model(path: str | os.PathLike) -> VLA:
     model = ARCHITECTURES[model_type].model_class.from_pretrained(path).eval()
     tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
     image_processor = SiglipImageProcessorPil.from_pretrained(path)
-    return VLA(_freeze_unused(model), tokenizer, image_processor)
+    state_file = path / STATE_TOKENIZER_FILE
+    state_tokenizer = ActionTokenizer.load(state_file) if state_file.is_file() else None
+    return VLA(_freeze_unused(model), tokenizer, image_processor, state_tokenizer)
 
 
 def num_image_tokens(config: PretrainedConfig) -> int:
@@ -341,14 +354,17 @@ def build_inputs(
     images: np.ndarray | torch.Tensor,
     instructions: Sequence[str],
     action_ids: np.ndarray | torch.Tensor | None = None,
+    states: np.ndarray | None = None,
 ) -> dict[str, torch.Tensor]:
     """The one input builder for SFT, DPO and the policy, for every registered architecture.
 
     images: uint8 (B, H, W, 3). instructions: B strings. action_ids: int (B, D) token ids from
-    ``ActionTokenizer.encode`` for training/scoring, or None for inference.
+    ``ActionTokenizer.encode`` for training/scoring, or None for inference. states: float (B, S) proprio states,
+    required when ``vla.state_tokenizer`` is set and ignored otherwise.
 
-    Each row is ``<image>*N`` and ``<s>`` (order per architecture), then ``PROMPT_TEMPLATE`` filled with the
-    instruction, then, with ``action_ids``, the D action tokens and ``</s>``.
+    Each row is ``<image>*N`` and ``<s>`` (order per architecture), then, when the model reads the state, its S
+    state tokens, then ``PROMPT_TEMPLATE`` filled with the instruction, then, with ``action_ids``, the D action
+    tokens and ``</s>``. Image, state and prompt tokens are all read and never scored.
 
     Padding: with ``action_ids`` rows are right-padded (targets sit at known positions, simplest for losses);
     without, rows are left-padded so that position -1 of every row is the prediction point of the first action
@@ -373,7 +389,17 @@ def build_inputs(
     image_ids = [config.image_token_id] * num_image_tokens(config)
     lead = image_ids + [tokenizer.bos_token_id] if arch.image_before_bos else [tokenizer.bos_token_id] + image_ids
     prompts = [PROMPT_TEMPLATE.format(instruction=text) + arch.prefix_separator for text in instructions]
-    prefixes = [lead + ids for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    state_ids = [[]] * batch
+    if vla.state_tokenizer is not None:
+        if states is None:
+            raise ValueError("this model reads the proprio state (its checkpoint has state_tokenizer.json); "
+                             "pass states=obs['state'] for every row")
+        states = np.asarray(states, dtype=np.float64)
+        if states.shape != (batch, vla.state_tokenizer.action_dim):
+            raise ValueError(f"states must be (B={batch}, {vla.state_tokenizer.action_dim}), got {states.shape}")
+        state_ids = vla.state_tokenizer.encode(states).tolist()
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
+    prefixes = [lead + s + ids for s, ids in zip(state_ids, prompt_ids)]
 
     if action_ids is None:
         suffix = torch.zeros(batch, 0, dtype=torch.long)

@@ -261,7 +261,8 @@ class VLAPolicy:
         """N observations -> actions (N, D) float32 and info arrays with a leading N axis."""
         images = np.stack([np.asarray(obs["image"]) for obs in observations])  # (N, H, W, 3)
         instructions = [obs["instruction"] for obs in observations]
-        token_ids, log_probs = self.action_tokens(images, instructions)
+        states = np.stack([np.asarray(obs["state"]) for obs in observations]) if "state" in observations[0] else None
+        token_ids, log_probs = self.action_tokens(images, instructions, states)
         token_ids, probs = token_ids.cpu().numpy(), log_probs.exp().cpu().numpy()
         return self.action_tokenizer.decode(token_ids), {
             "token_ids": token_ids,
@@ -271,14 +272,17 @@ class VLAPolicy:
         }
 
     @torch.inference_mode()
-    def action_tokens(self, images: np.ndarray, instructions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """uint8 images (N, H, W, 3) and N instructions -> action token ids (N, D) and their log-probs (N, D)."""
+    def action_tokens(self, images: np.ndarray, instructions: Sequence[str], states: np.ndarray | None = None,
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 images (N, H, W, 3), N instructions and proprio states (N, S) (read only by a model with a state
+        tokenizer) -> action token ids (N, D) and their log-probs (N, D)."""
         model = self.vla.model
         was_training = model.training
         if was_training:
             model.eval()
         try:
-            batch = {k: v.to(self.device) for k, v in build_inputs(self.vla, images, instructions).items()}
+            batch = build_inputs(self.vla, images, instructions, states=states)
+            batch = {k: v.to(self.device) for k, v in batch.items()}
             out = model(**model_inputs(batch), use_cache=True, logits_to_keep=1)
             D = self.action_tokenizer.action_dim
             if self._weights is not None:
@@ -309,10 +313,13 @@ class VLAPolicy:
         return chosen, log_probs.gather(1, chosen.unsqueeze(1)).squeeze(1)
 
 
-def predict_action(vla: VLA, image: np.ndarray, instruction: str, action_tokenizer: ActionTokenizer) -> np.ndarray:
-    """One uint8 image (H, W, 3) and one instruction -> the greedy action (D,) float32, like OpenVLA's
-    ``predict_action``. It builds a policy each call (fusing the weights); for a rollout, keep one ``VLAPolicy``."""
-    action, _ = VLAPolicy(vla, action_tokenizer).act({"image": image, "instruction": instruction})
+def predict_action(vla: VLA, image: np.ndarray, instruction: str, action_tokenizer: ActionTokenizer,
+                   state: np.ndarray | None = None) -> np.ndarray:
+    """One uint8 image (H, W, 3), one instruction (and the proprio state (S,) for a model that reads it) -> the
+    greedy action (D,) float32, like OpenVLA's ``predict_action``. It builds a policy each call (fusing the
+    weights); for a rollout, keep one ``VLAPolicy``."""
+    obs = {"image": image, "instruction": instruction, **({} if state is None else {"state": state})}
+    action, _ = VLAPolicy(vla, action_tokenizer).act(obs)
     return action
 
 

@@ -71,6 +71,9 @@ class ModelConfig(VLAModelConfig):
     """VLAModelConfig for a random init, or ``pretrained``: a local HF checkpoint dir whose own sizes then win."""
 
     pretrained: str | None = None
+    # Read the robot's proprio state (tip position, orientation, gripper width) as 7 tokens after the image
+    # tokens. A checkpoint that already reads it (resumed or pretrained) keeps its state statistics.
+    proprio: bool = True
 
 
 @dataclass
@@ -151,16 +154,17 @@ def _seed(*keys: int) -> int:
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(1)[0])
 
 
-def open_dataset(path: str) -> LeRobotDataset:
-    """The dataset at ``path``, checked for what training needs: action q01/q99 in meta/stats.json."""
+def open_dataset(path: str, features: tuple[str, ...] = ("action",)) -> LeRobotDataset:
+    """The dataset at ``path``, checked for what training needs: q01/q99 of ``features`` in meta/stats.json."""
     root = Path(path)
     if not root.is_dir():
         raise DatasetError(f"dataset={path} does not exist; generate it with scripts/generate_demos.py or fix the path")
     ds = LeRobotDataset(root)
-    missing = [k for k in ("q01", "q99") if k not in ds.stats.get("action", {})]
-    if missing:
-        raise DatasetError(f"{root / 'meta/stats.json'} has no action {'/'.join(missing)}; "
-                           "regenerate the dataset (vla.dataset.DatasetWriter writes them)")
+    for feature in features:
+        missing = [k for k in ("q01", "q99") if k not in ds.stats.get(feature, {})]
+        if missing:
+            raise DatasetError(f"{root / 'meta/stats.json'} has no {feature} {'/'.join(missing)}; "
+                               "regenerate the dataset (vla.dataset.DatasetWriter writes them)")
     return ds
 
 
@@ -185,7 +189,7 @@ class FrameDataset(Dataset):
     def __getitem__(self, key: tuple[int, int, int]) -> dict:
         frame = key[2]
         item = self.ds[frame]
-        return {"key": key, "image": item["image"], "instruction": item["instruction"],
+        return {"key": key, "image": item["image"], "instruction": item["instruction"], "state": item["state"],
                 "action_ids": self.action_ids[frame], "action": self.actions[frame]}
 
 
@@ -244,7 +248,7 @@ class Collator:
             generator = torch.Generator().manual_seed(_seed(self.seed, _AUGMENT, epoch, b, self.rank))
             images = augment_images(images, generator)
         batch = build_inputs(self.vla, images, [it["instruction"] for it in items],
-                             np.stack([it["action_ids"] for it in items]))
+                             np.stack([it["action_ids"] for it in items]), np.stack([it["state"] for it in items]))
         batch["actions"] = torch.from_numpy(np.stack([it["action"] for it in items]))
         batch["position"] = torch.tensor([epoch, b])
         return batch
@@ -410,9 +414,13 @@ def _build_model(cfg: SFTConfig, ds: LeRobotDataset, resume_from: Path | None) -
     else:  # byte-level BPE on the filled prompts: the template's words become single tokens, any text encodes
         prompts = sorted({PROMPT_TEMPLATE.format(instruction=text) for text in ds.instructions})
         vla = build_vla(cfg.model, build_tokenizer(prompts, tc.vocab_size, tc.action_bins))
+    offset = action_token_offset(vla.tokenizer, tc.action_bins)
+    if cfg.model.proprio and vla.state_tokenizer is None:
+        vla = vla._replace(state_tokenizer=ActionTokenizer.from_stats(ds.stats["observation.state"], offset,
+                                                                      tc.action_bins, absolute_dims=()))
     try:
         action_tok = ActionTokenizer.from_stats(
-            ds.stats["action"], action_token_offset(vla.tokenizer, tc.action_bins), tc.action_bins,
+            ds.stats["action"], offset, tc.action_bins,
             () if tc.gripper_dim is None else (tc.gripper_dim,))
     except ValueError as e:
         raise SFTError(f"cannot tokenize the actions of {cfg.dataset}: {e}; fix train.gripper_dim or the dataset") \
@@ -492,7 +500,7 @@ def train(cfg: SFTConfig) -> dict:
 
 def _train(cfg: SFTConfig, env: _Dist) -> dict:
     t0, tc, out = time.perf_counter(), cfg.train, Path(cfg.output_dir)
-    ds = open_dataset(cfg.dataset)
+    ds = open_dataset(cfg.dataset, ("action", "observation.state") if cfg.model.proprio else ("action",))
     resume_from = check_output_dir(out, cfg.resume, _config_record(cfg), ("dataset_name", "model"), SFTError)
     finished = resume_from is not None and json.loads((resume_from / STATE_FILE).read_text())["step"] == tc.steps
     if finished and (out / "summary.json").is_file():
@@ -633,11 +641,11 @@ def _train(cfg: SFTConfig, env: _Dist) -> dict:
 
 
 def _naive_steps_per_s(vla: VLA, images: np.ndarray, instructions: list[str], action_ids: np.ndarray,
-                       steps: int) -> float:
+                       states: np.ndarray, steps: int) -> float:
     """Steps/s of a plain transformers loop on one prepared batch: ``model(**inputs)`` with the full labels (logits
     over the whole vocabulary at every position, the model's own loss), backward, a default AdamW step."""
     model = vla.model.train()
-    batch = model_inputs(build_inputs(vla, images, instructions, action_ids))
+    batch = model_inputs(build_inputs(vla, images, instructions, action_ids, states))
     batch = {k: v.to(model.device) for k, v in batch.items()}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
     for i in range(steps + 1):  # the first step is an untimed warm-up
@@ -679,13 +687,17 @@ def naive_step_throughput(steps: int = 8, batch_size: int = 16, model: VLAModelC
         ds = LeRobotDataset(cfg.dataset)
         items = [ds[i] for i in range(batch_size)]
         images, instructions = np.stack([it["image"] for it in items]), [it["instruction"] for it in items]
+        states = np.stack([it["state"] for it in items])
         prompts = sorted({PROMPT_TEMPLATE.format(instruction=text) for text in ds.instructions})
         vla = build_vla(model, build_tokenizer(prompts))
         offset = action_token_offset(vla.tokenizer)
+        if cfg.model.proprio:  # the same prompt as the loop's model
+            vla = vla._replace(state_tokenizer=ActionTokenizer.from_stats(ds.stats["observation.state"], offset,
+                                                                          absolute_dims=()))
         action_ids = rng.integers(offset, offset + 256, (batch_size, 7))
-        naive_before = _naive_steps_per_s(vla, images, instructions, action_ids, steps)
+        naive_before = _naive_steps_per_s(vla, images, instructions, action_ids, states, steps)
         summary = train(cfg)
-        naive_after = _naive_steps_per_s(vla, images, instructions, action_ids, steps)
+        naive_after = _naive_steps_per_s(vla, images, instructions, action_ids, states, steps)
     naive, loop = max(naive_before, naive_after), summary["samples_per_s"] / batch_size
     return {"batch_size": batch_size, "parameters": summary["parameters"], "threads": torch.get_num_threads(),
             "loop_steps_per_s": loop, "loop_samples_per_s": summary["samples_per_s"],

@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoTokenizer, PreTrainedTokenizerFast
 
+from vla.action_tokenizer import ActionTokenizer
 from vla.model import (
     ARCHITECTURES,
     IGNORE_INDEX,
@@ -276,3 +277,39 @@ def test_build_inputs_rejects_bad_shapes(vla, batch_data):
         build_inputs(vla, images, INSTRUCTIONS, action_ids.astype(np.float32))
     with pytest.raises(ValueError, match="uint8"):
         build_inputs(vla, images.astype(np.float32), INSTRUCTIONS)
+
+
+def with_state(vla: VLA) -> VLA:
+    """``vla`` reading a 7-D proprio state in [-1, 1] per dimension, as SFT attaches it (model.proprio=true)."""
+    offset = action_token_offset(vla.tokenizer)
+    return vla._replace(state_tokenizer=ActionTokenizer([-1.0] * 7, [1.0] * 7, offset, absolute_dims=()))
+
+
+def test_state_tokens_follow_the_image_and_are_read_not_scored(tmp_path, vla, batch_data):
+    images, action_ids = batch_data
+    reader = with_state(vla)
+    states = np.random.default_rng(1).uniform(-1, 1, (len(INSTRUCTIONS), 7))
+    plain = build_inputs(vla, images, INSTRUCTIONS, action_ids)
+    batch = build_inputs(reader, images, INSTRUCTIONS, action_ids, states)
+    assert torch.equal(batch["action_positions"], plain["action_positions"] + 7)
+    image_token = vla.model.config.image_token_id
+    for row in range(len(INSTRUCTIONS)):
+        after_images = (batch["input_ids"][row] == image_token).nonzero().max() + 1
+        after_images += ARCHITECTURES[vla.model.config.model_type].image_before_bos  # PaliGemma: <image>*N <s>
+        state_ids = batch["input_ids"][row, after_images : after_images + 7]
+        assert state_ids.tolist() == reader.state_tokenizer.encode(states[row]).tolist()
+    assert (batch["labels"] != IGNORE_INDEX).sum() == (plain["labels"] != IGNORE_INDEX).sum()  # actions + EOS only
+
+    moved = build_inputs(reader, images, INSTRUCTIONS, action_ids, -states)
+    with torch.no_grad():
+        model = reader.model.eval()
+        a, b = (model(**model_inputs(x)).logits for x in (batch, moved))
+    assert not torch.allclose(a, b)  # the model reads the state
+
+    reader.save_pretrained(tmp_path)
+    loaded = load_model(tmp_path)
+    assert loaded.state_tokenizer.to_dict() == reader.state_tokenizer.to_dict()
+    with pytest.raises(ValueError, match="pass states="):
+        build_inputs(loaded, images, INSTRUCTIONS, action_ids)
+    with pytest.raises(ValueError, match="states must be"):
+        build_inputs(loaded, images, INSTRUCTIONS, action_ids, states[:, :3])

@@ -59,7 +59,8 @@ def observations() -> list[dict]:
 def teacher_forced(vla: VLA, observations: list[dict], token_ids: np.ndarray, lo: int) -> torch.Tensor:
     """Log-probs (B, D, 256) over the action ids that one full HF forward assigns at each action position."""
     images = np.stack([o["image"] for o in observations])
-    batch = build_inputs(vla, images, [o["instruction"] for o in observations], token_ids)
+    batch = build_inputs(vla, images, [o["instruction"] for o in observations], token_ids,
+                         np.stack([o["state"] for o in observations]))  # the states count only for a state reader
     with torch.no_grad():
         logits = vla.model(**model_inputs(batch)).logits  # (B, L, V)
     rows = torch.arange(len(observations)).unsqueeze(1)
@@ -86,6 +87,19 @@ def test_decoding_matches_teacher_forced_hf_forward(vla, action_tokenizer, obser
     policy = VLAPolicy(vla, action_tokenizer, temperature=temperature, fast=fast)
     assert (policy.fallback_reason is None) == fast
     check_against_hf(vla, policy, observations, greedy=temperature == 0)
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["lean", "hf_loop"])
+def test_a_state_reading_model_acts_on_the_observed_state(vla, action_tokenizer, observations, fast):
+    states = ActionTokenizer([-2.0] * 7, [2.0] * 7, action_tokenizer.token_offset, absolute_dims=())
+    reader = vla._replace(state_tokenizer=states)
+    policy = VLAPolicy(reader, action_tokenizer, fast=fast)
+    check_against_hf(reader, policy, observations, greedy=True)
+    moved = [{**o, "state": -o["state"]} for o in observations]
+    assert not np.allclose(policy.act_batch(moved)[1]["log_probs"], policy.act_batch(observations)[1]["log_probs"])
+    np.testing.assert_array_equal(
+        predict_action(reader, observations[0]["image"], INSTRUCTIONS[0], action_tokenizer, observations[0]["state"]),
+        policy.act(observations[0])[0])
 
 
 def test_lean_decoder_with_grouped_kv_heads_and_biases(tokenizer, action_tokenizer, observations):

@@ -224,6 +224,9 @@ def test_loss_falls_and_the_checkpoint_loads(dataset, tmp_path):
     stats = json.loads((dataset / "meta/stats.json").read_text())["action"]
     expected = ActionTokenizer.from_stats(stats, action_token_offset(vla.tokenizer))
     assert action_tokenizers["synthetic-pick"].to_dict() == expected.to_dict()
+    state_stats = json.loads((dataset / "meta/stats.json").read_text())["observation.state"]
+    expected = ActionTokenizer.from_stats(state_stats, action_token_offset(vla.tokenizer), absolute_dims=())
+    assert vla.state_tokenizer.to_dict() == expected.to_dict()  # model.proprio defaults to true
     assert weights_digest(vla.model) == summary["weights_digests"][0]
     step_vla, _ = load_checkpoint(out / "checkpoints/step-40")
     assert weights_digest(step_vla.model) == summary["weights_digests"][0]
@@ -319,6 +322,7 @@ def test_bad_pretrained_directories(dataset, tmp_path, kind, match):
     ("missing", "does not exist; generate it"),
     ("no-stats", "meta/stats.json is missing"),
     ("no-quantiles", "has no action q01/q99; regenerate the dataset"),
+    ("no-state-quantiles", "has no observation.state q01/q99; regenerate the dataset"),
 ])
 def test_bad_datasets(dataset, tmp_path, damage, match):
     root = tmp_path / "data"
@@ -326,9 +330,10 @@ def test_bad_datasets(dataset, tmp_path, damage, match):
         shutil.copytree(dataset, root)
     if damage == "no-stats":
         (root / "meta/stats.json").unlink()
-    if damage == "no-quantiles":
+    if damage.endswith("quantiles"):
         stats = json.loads((root / "meta/stats.json").read_text())
-        del stats["action"]["q01"], stats["action"]["q99"]
+        feature = "observation.state" if damage == "no-state-quantiles" else "action"
+        del stats[feature]["q01"], stats[feature]["q99"]
         (root / "meta/stats.json").write_text(json.dumps(stats))
     with pytest.raises(DatasetError, match=match):
         train(make_cfg(root, tmp_path / "run"))
