@@ -2,8 +2,11 @@
 
     python scripts/generate_demos.py task=pick num_episodes=200 workers=2 output_dir=data/pick
 
-Episode slot i of a task tries training seeds `seed + i * MAX_ATTEMPTS + k` for k = 0, 1, ... and keeps the first
-successful, error-free rollout, so the dataset depends only on the arguments: not on `workers`, not on interruptions.
+Episode slot i of a task tries training seeds `seed + TASK_STRIDE * t + i * MAX_ATTEMPTS + k` for k = 0, 1, ...
+(t: the task's place in sorted task names) and keeps the first successful, error-free rollout, so the dataset depends
+only on the arguments: not on `workers`, not on interruptions. Tasks draw from separate seed blocks because a seed
+sets the scene: with shared seeds, reach and pick demos would start from the same scenes and a multi-task dataset
+would hold half as many different ones.
 """
 
 from __future__ import annotations
@@ -28,6 +31,12 @@ from vla.dataset import DatasetError, DatasetWriter, Episode, is_complete
 from vla.run_state import write_json
 
 MAX_ATTEMPTS = 8
+TASK_STRIDE = 50_000  # training seeds per task block; preference collection starts at 500,000
+
+
+def first_seed(seed: int, name: str) -> int:
+    """The training-seed index of slot 0, attempt 0 of task ``name`` in a dataset generated with ``seed``."""
+    return seed + TASK_STRIDE * sorted(TASKS).index(name)
 
 
 @dataclass
@@ -48,6 +57,9 @@ class DemoConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
         if self.seed < 0:
             raise ValueError(f"seed={self.seed} must be >= 0 (it offsets into the training seed range)")
+        if self.num_episodes * MAX_ATTEMPTS > TASK_STRIDE:
+            raise ValueError(f"num_episodes={self.num_episodes} is more than a task's seed block holds "
+                             f"({TASK_STRIDE // MAX_ATTEMPTS}); generate several datasets with different seed=")
         for name in self.tasks():
             get_task(name)
         check_backend(self.backend)
@@ -82,7 +94,7 @@ def _generate(args: tuple[DemoConfig, int, str, int]) -> tuple[int, Episode | No
     task = env.task
     errors = []
     for k in range(MAX_ATTEMPTS):
-        seed = task.train_seeds[cfg.seed + slot * MAX_ATTEMPTS + k]
+        seed = task.train_seeds[first_seed(cfg.seed, name) + slot * MAX_ATTEMPTS + k]
         expert = task.expert(env, seed=seed, noise=cfg.noise)
         r = rollout(env, expert, seed, options={"distractors": cfg.distractors})
         if r.error:
@@ -139,7 +151,7 @@ def _summary(out: Path, info: dict, seconds: float, frames_new: int) -> dict:
     for ep in episodes:
         name = ep["task_name"]
         slot = ep["episode_index"] % cfg["num_episodes"]  # slots are task-major
-        attempt = ep["seed"] - cfg["seed"] - slot * MAX_ATTEMPTS
+        attempt = ep["seed"] - first_seed(cfg["seed"], name) - slot * MAX_ATTEMPTS
         discarded += attempt
         stats = per_task.setdefault(name, {"episodes": 0, "frames": 0, "discarded": 0})
         stats["episodes"] += 1

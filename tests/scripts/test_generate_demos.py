@@ -48,6 +48,11 @@ def test_generates_a_valid_dataset_with_summary(tmp_path):
     assert json.loads((root / "summary.json").read_text())["episodes"] == 4
     assert [e["task_name"] for e in ds.episodes] == ["reach", "reach", "pick", "pick"]
     assert all(e["success"] for e in ds.episodes)
+    # each task draws its own block of seeds, so reach and pick start from different scenes
+    reach_seeds, pick_seeds = ({e["seed"] for e in ds.episodes if e["task_name"] == t} for t in ("reach", "pick"))
+    assert min(reach_seeds) >= generate_demos.TASK_STRIDE * 3 > max(pick_seeds)  # sorted: pick, place, push, reach
+    first = [ds[ds.episode_frames(e)[0]]["image"] for e in (0, 2)]
+    assert not np.array_equal(*first)
     frame = ds[0]
     assert frame["image"].shape == (48, 48, 3) and frame["instruction"] in ds.instructions
 
