@@ -62,14 +62,14 @@ class SFTStage:
 
 @dataclass
 class EvalStage:
-    episodes_per_task: int = 25  # per task and suite axis, on the suites' test seeds
+    episodes_per_task: int = 20  # per task and suite axis, on the suites' test seeds
     videos: int = 2
     batch: int = 8
 
 
 @dataclass
 class PrefsStage:
-    starts: int = 32
+    starts: int = 28
     rollouts_per_start: int = 4
     temperature: float = 1.0
     safety_fraction: float = 0.5
