@@ -402,6 +402,12 @@ def _config_record(cfg: SFTConfig) -> dict:
     return {**asdict(cfg), "dataset_name": Path(cfg.dataset).resolve().name}
 
 
+def state_tokenizer(ds: LeRobotDataset, token_offset: int, n_bins: int = 256) -> ActionTokenizer:
+    """The proprio-state binning of ``model.proprio``: the action contract over the dataset's observation.state
+    q01/q99, every dimension normalised (none absolute), ids in the action-token range."""
+    return ActionTokenizer.from_stats(ds.stats["observation.state"], token_offset, n_bins, absolute_dims=())
+
+
 def _build_model(cfg: SFTConfig, ds: LeRobotDataset, resume_from: Path | None) -> tuple[VLA, ActionTokenizer]:
     """The VLA (resumed, pretrained or new) and the action tokenizer of the dataset's stats in its vocabulary."""
     tc = cfg.train
@@ -416,8 +422,7 @@ def _build_model(cfg: SFTConfig, ds: LeRobotDataset, resume_from: Path | None) -
         vla = build_vla(cfg.model, build_tokenizer(prompts, tc.vocab_size, tc.action_bins))
     offset = action_token_offset(vla.tokenizer, tc.action_bins)
     if cfg.model.proprio and vla.state_tokenizer is None:
-        vla = vla._replace(state_tokenizer=ActionTokenizer.from_stats(ds.stats["observation.state"], offset,
-                                                                      tc.action_bins, absolute_dims=()))
+        vla = vla._replace(state_tokenizer=state_tokenizer(ds, offset, tc.action_bins))
     try:
         action_tok = ActionTokenizer.from_stats(
             ds.stats["action"], offset, tc.action_bins,
@@ -692,8 +697,7 @@ def naive_step_throughput(steps: int = 8, batch_size: int = 16, model: VLAModelC
         vla = build_vla(model, build_tokenizer(prompts))
         offset = action_token_offset(vla.tokenizer)
         if cfg.model.proprio:  # the same prompt as the loop's model
-            vla = vla._replace(state_tokenizer=ActionTokenizer.from_stats(ds.stats["observation.state"], offset,
-                                                                          absolute_dims=()))
+            vla = vla._replace(state_tokenizer=state_tokenizer(ds, offset))
         action_ids = rng.integers(offset, offset + 256, (batch_size, 7))
         naive_before = _naive_steps_per_s(vla, images, instructions, action_ids, states, steps)
         summary = train(cfg)
