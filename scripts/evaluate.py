@@ -43,6 +43,7 @@ class EvalConfig:
     temperature: float = 0.0
     unnorm_key: str | None = None
     image_size: int = 96
+    distractors: int | None = None
     output_dir: str = "reports/success"
 
     def __post_init__(self) -> None:
@@ -73,7 +74,7 @@ def _claim(out_dir: Path, manifest: dict, policy: str) -> None:
 
 
 def evaluate(cfg: EvalConfig, command: str = "python scripts/evaluate.py") -> dict:
-    manifest = build_manifest(cfg.suite, cfg.episodes_per_task, resolve_tasks(cfg.task))
+    manifest = build_manifest(cfg.suite, cfg.episodes_per_task, resolve_tasks(cfg.task), cfg.distractors)
     spec = PolicySpec(cfg.policy, cfg.temperature, cfg.unnorm_key)
     base_spec = base_name = None  # base_spec stays None when the baseline is an earlier report
     if cfg.baseline is not None:  # check the baseline before any work

@@ -49,16 +49,27 @@ def resolve_tasks(task: str) -> list[str]:
     return names
 
 
-def build_manifest(suite: str, episodes_per_task: int, tasks: list[str] | None = None) -> dict:
-    """The suite's episodes: `{"suite", "version", "id", "episodes": [{"id", "task", "axis", "seed", "options"}]}`."""
+def build_manifest(
+    suite: str, episodes_per_task: int, tasks: list[str] | None = None, distractors: int | None = None
+) -> dict:
+    """The suite's episodes: `{"suite", "version", "id", "episodes": [{"id", "task", "axis", "seed", "options"}]}`.
+
+    `distractors` sets the clutter of every episode (the tasks' default is 2), on the suite's own seeds; it is part
+    of each episode's options and so of the manifest id."""
     if suite not in SUITES:
         raise KeyError(f"unknown suite {suite!r}; choose one of {sorted(SUITES)}")
     if not 1 <= episodes_per_task <= SEED_BLOCK:
         raise ValueError(f"episodes_per_task={episodes_per_task} must be between 1 and {SEED_BLOCK}")
+    if distractors is not None and distractors < 0:
+        raise ValueError(f"distractors={distractors} must be >= 0 (or null for each suite's own clutter)")
+    if distractors == 0 and SUITES.get(suite, {}).get("paired"):
+        raise ValueError(f"suite {suite!r} names a look-alike distractor in every scene; set distractors >= 1")
     spec = SUITES[suite]
     task_names = sorted(tasks or TASKS)
     episodes = []
     for a, (axis, options) in enumerate(spec["axes"].items()):
+        if distractors is not None:
+            options = {**options, "distractors": distractors}
         for task in task_names:
             t = sorted(TASKS).index(task)
             block = 0 if spec.get("paired") else a  # paired axes meet the same start states

@@ -44,3 +44,18 @@ def test_unknown_names_fail_clearly():
         resolve_tasks("pick,juggle")
     with pytest.raises(ValueError, match="episodes_per_task"):
         build_manifest("success", 0)
+
+
+def test_distractors_override_sets_every_episodes_clutter_on_the_same_seeds():
+    base = build_manifest("generalization", 2, ["reach"])
+    bare = build_manifest("generalization", 2, ["reach"], distractors=0)
+    assert [e["seed"] for e in bare["episodes"]] == [e["seed"] for e in base["episodes"]]
+    assert {e["options"]["distractors"] for e in bare["episodes"]} == {0} and bare["id"] != base["id"]
+    assert "distractors" not in base["episodes"][0]["options"]  # the suite's own spec is not modified
+    env = tasks.make_env("reach")
+    env.reset(seed=bare["episodes"][0]["seed"], options=bare["episodes"][0]["options"])
+    assert len(env.scene.objects) == 1
+    with pytest.raises(ValueError, match="distractors"):
+        build_manifest("success", 2, distractors=-1)
+    with pytest.raises(ValueError, match="look-alike"):
+        build_manifest("instruction", 2, distractors=0)
