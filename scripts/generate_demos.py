@@ -18,8 +18,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import hydra
-from hydra.core.config_store import ConfigStore
+import numpy as np
 import pyarrow.parquet as pq
+from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
@@ -49,6 +50,7 @@ class DemoConfig:
     image_size: int = 96
     noise: float = 0.003
     distractors: int = 2
+    min_distractors: int | None = None  # when set, each episode draws its clutter in [min_distractors, distractors]
     output_dir: str = "data/pick"
 
     def __post_init__(self) -> None:
@@ -57,6 +59,9 @@ class DemoConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be at least 1")
         if self.seed < 0:
             raise ValueError(f"seed={self.seed} must be >= 0 (it offsets into the training seed range)")
+        if self.min_distractors is not None and not 0 <= self.min_distractors <= self.distractors:
+            raise ValueError(f"min_distractors={self.min_distractors} must lie in [0, distractors={self.distractors}]"
+                             " (or be null for distractors in every episode)")
         if self.num_episodes * MAX_ATTEMPTS > TASK_STRIDE:
             raise ValueError(f"num_episodes={self.num_episodes} is more than a task's seed block holds "
                              f"({TASK_STRIDE // MAX_ATTEMPTS}); generate several datasets with different seed=")
@@ -81,6 +86,14 @@ def _slots(cfg: DemoConfig) -> list[tuple[int, str, int]]:
     return [(t * cfg.num_episodes + i, name, i) for t, name in enumerate(cfg.tasks()) for i in range(cfg.num_episodes)]
 
 
+def distractors(cfg: DemoConfig, seed: int) -> int:
+    """The clutter of the episode on `seed`: `cfg.distractors`, or a draw from [min_distractors, distractors]
+    that depends on the seed alone (a mix of easy and cluttered scenes)."""
+    if cfg.min_distractors is None:
+        return cfg.distractors
+    return int(np.random.default_rng([seed, 7]).integers(cfg.min_distractors, cfg.distractors + 1))
+
+
 _ENVS: dict = {}
 
 
@@ -96,7 +109,7 @@ def _generate(args: tuple[DemoConfig, int, str, int]) -> tuple[int, Episode | No
     for k in range(MAX_ATTEMPTS):
         seed = task.train_seeds[first_seed(cfg.seed, name) + slot * MAX_ATTEMPTS + k]
         expert = task.expert(env, seed=seed, noise=cfg.noise)
-        r = rollout(env, expert, seed, options={"distractors": cfg.distractors})
+        r = rollout(env, expert, seed, options={"distractors": distractors(cfg, seed)})
         if r.error:
             errors.append(f"{name} seed {seed}: {r.error}")
         if r.success and r.error is None:

@@ -129,3 +129,19 @@ def test_hydra_config_matches_the_schema():
         demo = OmegaConf.to_object(cfg)
     assert isinstance(demo, DemoConfig) and len(demo.tasks()) == 5 and demo.output_dir == "data/all"
     assert np.isclose(demo.noise, 0.003)
+
+
+def test_min_distractors_mixes_clutter_by_seed(tmp_path):
+    cfg = _cfg(tmp_path, num_episodes=4, min_distractors=0)
+    counts = [generate_demos.distractors(cfg, s) for s in range(60)]
+    assert set(counts) == {0, 1, 2} and counts == [generate_demos.distractors(cfg, s) for s in range(60)]
+    assert {generate_demos.distractors(_cfg(tmp_path), s) for s in range(20)} == {2}
+    generate(cfg)
+    ds = LeRobotDataset(tmp_path / "d")
+    env = generate_demos.make_env("reach", image_size=48)
+    for e, episode in enumerate(ds.episodes):  # each episode starts from its seed's scene with the drawn clutter
+        obs, _ = env.reset(seed=episode["seed"], options={"distractors": generate_demos.distractors(cfg, episode["seed"])})
+        assert len(env.scene.objects) == 1 + generate_demos.distractors(cfg, episode["seed"])
+        np.testing.assert_array_equal(ds[ds.episode_frames(e)[0]]["image"], obs["image"])
+    with pytest.raises(ValueError, match="min_distractors=3"):
+        _cfg(tmp_path, min_distractors=3)
