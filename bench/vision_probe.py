@@ -11,8 +11,10 @@ get below the median here cannot steer a policy to an object.
 
 Probes: ``cnn`` (4 strided 3x3/5x5 convs + flatten + MLP), ``cnn_onehot`` (the same with one-hot targets),
 ``vit`` (the Llava tower: SigLIP, 4 layers, 192 wide, 16 px patches, 2-D sin-cos positions; flatten + MLP),
-``resnet`` (the FastVLM tower: HF ResNetModel, 3 stages; flatten + MLP) and ``resnet_mean`` (mean-pooled instead,
-so that position must be carried by the features, as when the LM reads the tokens).
+``resnet`` (the FastVLM tower: HF ResNetModel, 3 stages; flatten + MLP), ``resnet_mean`` (mean-pooled instead,
+so that position must be carried by the features, as when the LM reads the tokens) and ``resnet_state`` (flatten,
+plus the proprio state scaled to [-1, 1] by its q01/q99: the tip's start is randomized, so where the gripper is
+must be known too).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from vla.action_tokenizer import ActionTokenizer
 from vla.dataset import LeRobotDataset
 from vla.model import sincos_2d
 
-PROBES = ("cnn", "cnn_onehot", "vit", "resnet", "resnet_mean")
+PROBES = ("cnn", "cnn_onehot", "vit", "resnet", "resnet_mean", "resnet_state")
 
 
 class Probe(nn.Module):
@@ -54,9 +56,10 @@ class Probe(nn.Module):
                                                   downsample_in_first_stage=False))
             width = 192
         cells = 1 if kind == "resnet_mean" else 36  # a 6x6 map from 96 px for every tower
-        self.head = nn.Sequential(nn.Linear(cells * width, 256), nn.GELU(), nn.Linear(256, 2 * 256))
+        extra = 7 if kind == "resnet_state" else 0  # the proprio state, scaled to [-1, 1] by its q01/q99
+        self.head = nn.Sequential(nn.Linear(cells * width + extra, 256), nn.GELU(), nn.Linear(256, 2 * 256))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         if self.kind.startswith("cnn"):
             h = self.tower(x).flatten(1)
         elif self.kind == "vit":
@@ -64,6 +67,8 @@ class Probe(nn.Module):
         else:
             h = self.tower(x).last_hidden_state  # (B, C, 6, 6)
             h = h.mean((2, 3)) if self.kind == "resnet_mean" else h.flatten(1)
+            if self.kind == "resnet_state":
+                h = torch.cat([h, state], dim=1)
         return self.head(h).view(-1, 2, 256).log_softmax(-1)
 
 
@@ -77,6 +82,9 @@ def run(root: str, kind: str, steps: int, sigma: float = 4.0, seed: int = 0) -> 
     q = np.quantile(actions[~val], [0.01, 0.99], axis=0)
     tok = ActionTokenizer(q[0], q[1], token_offset=0, n_bins=256, absolute_dims=())
     bins = torch.from_numpy(tok.encode(actions))
+    states = ds._columns["observation.state"].astype(np.float32)
+    lo, hi = np.quantile(states[~val], [0.01, 0.99], axis=0)
+    s = torch.from_numpy(np.clip(2 * (states - lo) / np.maximum(hi - lo, 1e-8) - 1, -1, 1)).float()
     x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.5
     median_l1 = np.abs(actions[val] - np.median(actions[~val], axis=0)).mean(0) * 100
     train_idx = np.flatnonzero(~val)
@@ -87,7 +95,7 @@ def run(root: str, kind: str, steps: int, sigma: float = 4.0, seed: int = 0) -> 
     out = []
     for step in range(1, steps + 1):
         i = torch.from_numpy(rng.choice(train_idx, 16))
-        logp = model(x[i])
+        logp = model(x[i], s[i])
         if kind == "cnn_onehot" or sigma <= 0:
             loss = nn.functional.nll_loss(logp.flatten(0, 1), bins[i].flatten())
         else:
@@ -99,7 +107,7 @@ def run(root: str, kind: str, steps: int, sigma: float = 4.0, seed: int = 0) -> 
         if step % 100 == 0:
             model.eval()
             with torch.no_grad():
-                pred = torch.cat([model(x[val][j : j + 256]).argmax(-1) for j in range(0, int(val.sum()), 256)])
+                pred = torch.cat([model(x[val][j : j + 256], s[val][j : j + 256]).argmax(-1) for j in range(0, int(val.sum()), 256)])
             model.train()
             l1 = np.abs(tok.decode(pred.numpy()) - actions[val]).mean(0) * 100
             out.append({"step": step, "dx_cm": round(float(l1[0]), 3), "dy_cm": round(float(l1[1]), 3),
