@@ -107,7 +107,8 @@ def run(root: str, kind: str, steps: int, sigma: float = 4.0, seed: int = 0) -> 
         if step % 100 == 0:
             model.eval()
             with torch.no_grad():
-                pred = torch.cat([model(x[val][j : j + 256], s[val][j : j + 256]).argmax(-1) for j in range(0, int(val.sum()), 256)])
+                xv, sv = x[val], s[val]
+                pred = torch.cat([model(xv[j : j + 256], sv[j : j + 256]).argmax(-1) for j in range(0, len(xv), 256)])
             model.train()
             l1 = np.abs(tok.decode(pred.numpy()) - actions[val]).mean(0) * 100
             out.append({"step": step, "dx_cm": round(float(l1[0]), 3), "dy_cm": round(float(l1[1]), 3),
