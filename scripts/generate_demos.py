@@ -62,9 +62,11 @@ class DemoConfig:
         if self.min_distractors is not None and not 0 <= self.min_distractors <= self.distractors:
             raise ValueError(f"min_distractors={self.min_distractors} must lie in [0, distractors={self.distractors}]"
                              " (or be null for distractors in every episode)")
-        if self.num_episodes * MAX_ATTEMPTS > TASK_STRIDE:
-            raise ValueError(f"num_episodes={self.num_episodes} is more than a task's seed block holds "
-                             f"({TASK_STRIDE // MAX_ATTEMPTS}); generate several datasets with different seed=")
+        if self.seed + self.num_episodes * MAX_ATTEMPTS > TASK_STRIDE:
+            raise ValueError(f"seed={self.seed} with num_episodes={self.num_episodes} runs past a task's block of "
+                             f"{TASK_STRIDE:,} training seeds ({MAX_ATTEMPTS} per episode) into the next task's; "
+                             f"keep seed + {MAX_ATTEMPTS} x num_episodes <= {TASK_STRIDE:,}, e.g. several datasets "
+                             "with seed=0, 25000")
         for name in self.tasks():
             get_task(name)
         check_backend(self.backend)

@@ -145,3 +145,10 @@ def test_min_distractors_mixes_clutter_by_seed(tmp_path):
         np.testing.assert_array_equal(ds[ds.episode_frames(e)[0]]["image"], obs["image"])
     with pytest.raises(ValueError, match="min_distractors=3"):
         _cfg(tmp_path, min_distractors=3)
+
+
+def test_seed_blocks_of_tasks_never_overlap():
+    _cfg(Path("."), seed=49_976, num_episodes=3)  # the last slot's last attempt is the block's last seed
+    for kw in ({"seed": 49_977, "num_episodes": 3}, {"num_episodes": 6_251}):
+        with pytest.raises(ValueError, match="into the next task's"):
+            _cfg(Path("."), **kw)
