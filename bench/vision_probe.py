@@ -82,9 +82,8 @@ def run(root: str, kind: str, steps: int, sigma: float = 4.0, seed: int = 0) -> 
     q = np.quantile(actions[~val], [0.01, 0.99], axis=0)
     tok = ActionTokenizer(q[0], q[1], token_offset=0, n_bins=256, absolute_dims=())
     bins = torch.from_numpy(tok.encode(actions))
-    states = ds._columns["observation.state"].astype(np.float32)
-    lo, hi = np.quantile(states[~val], [0.01, 0.99], axis=0)
-    s = torch.from_numpy(np.clip(2 * (states - lo) / np.maximum(hi - lo, 1e-8) - 1, -1, 1)).float()
+    states = ds._columns["observation.state"]
+    s = torch.from_numpy(ActionTokenizer.fit(states[~val], 0, absolute_dims=()).normalize(states)[0]).float()
     x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.5
     median_l1 = np.abs(actions[val] - np.median(actions[~val], axis=0)).mean(0) * 100
     train_idx = np.flatnonzero(~val)

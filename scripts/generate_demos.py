@@ -93,6 +93,7 @@ def distractors(cfg: DemoConfig, seed: int) -> int:
     that depends on the seed alone (a mix of easy and cluttered scenes)."""
     if cfg.min_distractors is None:
         return cfg.distractors
+    # [seed, 7]: a stream of its own, apart from the scene's default_rng(seed)
     return int(np.random.default_rng([seed, 7]).integers(cfg.min_distractors, cfg.distractors + 1))
 
 

@@ -62,9 +62,9 @@ def build_manifest(
         raise ValueError(f"episodes_per_task={episodes_per_task} must be between 1 and {SEED_BLOCK}")
     if distractors is not None and distractors < 0:
         raise ValueError(f"distractors={distractors} must be >= 0 (or null for each suite's own clutter)")
-    if distractors == 0 and SUITES.get(suite, {}).get("paired"):
-        raise ValueError(f"suite {suite!r} names a look-alike distractor in every scene; set distractors >= 1")
     spec = SUITES[suite]
+    if distractors == 0 and spec.get("paired"):
+        raise ValueError(f"suite {suite!r} names a look-alike distractor in every scene; set distractors >= 1")
     task_names = sorted(tasks or TASKS)
     episodes = []
     for a, (axis, options) in enumerate(spec["axes"].items()):
