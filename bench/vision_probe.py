@@ -15,6 +15,11 @@ Probes: ``cnn`` (4 strided 3x3/5x5 convs + flatten + MLP), ``cnn_onehot`` (the s
 so that position must be carried by the features, as when the LM reads the tokens) and ``resnet_state`` (flatten,
 plus the proprio state scaled to [-1, 1] by its q01/q99: the tip's start is randomized, so where the gripper is
 must be known too).
+
+With distractors the image alone is ambiguous; two probes also read the instruction (a bag of its words, 64-d):
+``resnet_text`` appends it to the flattened features and the state (late fusion, as an LM reading image tokens
+and then the question), ``resnet_film`` also lets it scale and shift every ResNet stage's channels (FiLM, RT-1's
+early fusion; zero-initialised, so it starts as ``resnet_text``).
 """
 
 from __future__ import annotations
@@ -32,11 +37,12 @@ from vla.action_tokenizer import ActionTokenizer
 from vla.dataset import LeRobotDataset
 from vla.model import sincos_2d
 
-PROBES = ("cnn", "cnn_onehot", "vit", "resnet", "resnet_mean", "resnet_state")
+PROBES = ("cnn", "cnn_onehot", "vit", "resnet", "resnet_mean", "resnet_state", "resnet_text", "resnet_film")
+TEXT_DIM = 64
 
 
 class Probe(nn.Module):
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, vocab: int = 1):
         super().__init__()
         self.kind = kind
         if kind.startswith("cnn"):
@@ -56,10 +62,29 @@ class Probe(nn.Module):
                                                   downsample_in_first_stage=False))
             width = 192
         cells = 1 if kind == "resnet_mean" else 36  # a 6x6 map from 96 px for every tower
-        extra = 7 if kind == "resnet_state" else 0  # the proprio state, scaled to [-1, 1] by its q01/q99
+        reads_state = kind in ("resnet_state", "resnet_text", "resnet_film")
+        extra = 7 * reads_state  # the proprio state, scaled to [-1, 1] by its q01/q99
+        if kind in ("resnet_text", "resnet_film"):
+            self.words = nn.EmbeddingBag(vocab + 1, TEXT_DIM, mode="mean", padding_idx=vocab)  # the mean skips pads
+            extra += TEXT_DIM
+        if kind == "resnet_film":
+            self.film = nn.ModuleList(nn.Linear(TEXT_DIM, 2 * c) for c in (48, 96, 192))
+            for stage, film in zip(self.tower.encoder.stages, self.film):
+                nn.init.zeros_(film.weight)
+                nn.init.zeros_(film.bias)
+                stage.register_forward_hook(self._modulate(film))
         self.head = nn.Sequential(nn.Linear(cells * width + extra, 256), nn.GELU(), nn.Linear(256, 2 * 256))
 
-    def forward(self, x: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+    def _modulate(self, film: nn.Linear):
+        def hook(module, args, out):
+            gamma, beta = film(self._text).chunk(2, dim=1)  # (B, C) each
+            return out * (1 + gamma[..., None, None]) + beta[..., None, None]
+        return hook
+
+    def forward(self, x: torch.Tensor, state: torch.Tensor, words: torch.Tensor | None = None) -> torch.Tensor:
+        if words is not None:
+            self._text = self.words(words)  # (B, TEXT_DIM), read by the FiLM hooks
+            state = torch.cat([state, self._text], dim=1)
         if self.kind.startswith("cnn"):
             h = self.tower(x).flatten(1)
         elif self.kind == "vit":
@@ -67,7 +92,7 @@ class Probe(nn.Module):
         else:
             h = self.tower(x).last_hidden_state  # (B, C, 6, 6)
             h = h.mean((2, 3)) if self.kind == "resnet_mean" else h.flatten(1)
-            if self.kind == "resnet_state":
+            if self.kind in ("resnet_state", "resnet_text", "resnet_film"):
                 h = torch.cat([h, state], dim=1)
         return self.head(h).view(-1, 2, 256).log_softmax(-1)
 
@@ -75,26 +100,33 @@ class Probe(nn.Module):
 def run(root: str, kind: str, steps: int, sigma: float = 4.0, seed: int = 0) -> list[dict]:
     torch.manual_seed(seed)
     ds = LeRobotDataset(root)
-    images = np.stack([ds[i]["image"] for i in range(len(ds))])
+    items = [ds[i] for i in range(len(ds))]
+    images = np.stack([item["image"] for item in items])
     actions = ds._columns["action"][:, :2].astype(np.float32)
     episodes = ds._columns["episode_index"]  # LeRobotDataset has no public column accessor
-    val = episodes % 10 == 0
+    paired = ds.info["tabletop_vla"]["config"].get("paired", False)  # hold out both demos of a scene
+    val = episodes // (1 + paired) % 10 == 0
     q = np.quantile(actions[~val], [0.01, 0.99], axis=0)
     tok = ActionTokenizer(q[0], q[1], token_offset=0, n_bins=256, absolute_dims=())
     bins = torch.from_numpy(tok.encode(actions))
     states = ds._columns["observation.state"]
     s = torch.from_numpy(ActionTokenizer.fit(states[~val], 0, absolute_dims=()).normalize(states)[0]).float()
     x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.5
+    texts = [item["instruction"].lower().split() for item in items]
+    vocab = {w: n for n, w in enumerate(sorted({w for t in texts for w in t}))}
+    pad, width = len(vocab), max(len(t) for t in texts)
+    words = torch.tensor([[vocab[w] for w in t] + [pad] * (width - len(t)) for t in texts])
+    reads_text = kind in ("resnet_text", "resnet_film")
     median_l1 = np.abs(actions[val] - np.median(actions[~val], axis=0)).mean(0) * 100
     train_idx = np.flatnonzero(~val)
-    model = Probe(kind)
+    model = Probe(kind, len(vocab))
     opt = torch.optim.AdamW(model.parameters(), 3e-4)
     grid = torch.arange(256).float()
     rng = np.random.default_rng(seed)
     out = []
     for step in range(1, steps + 1):
         i = torch.from_numpy(rng.choice(train_idx, 16))
-        logp = model(x[i], s[i])
+        logp = model(x[i], s[i], words[i] if reads_text else None)
         if kind == "cnn_onehot" or sigma <= 0:
             loss = nn.functional.nll_loss(logp.flatten(0, 1), bins[i].flatten())
         else:
@@ -106,8 +138,9 @@ def run(root: str, kind: str, steps: int, sigma: float = 4.0, seed: int = 0) -> 
         if step % 100 == 0:
             model.eval()
             with torch.no_grad():
-                xv, sv = x[val], s[val]
-                pred = torch.cat([model(xv[j : j + 256], sv[j : j + 256]).argmax(-1) for j in range(0, len(xv), 256)])
+                xv, sv, wv = x[val], s[val], words[val] if reads_text else None
+                pred = torch.cat([model(xv[j : j + 256], sv[j : j + 256], None if wv is None else wv[j : j + 256])
+                                  .argmax(-1) for j in range(0, len(xv), 256)])
             model.train()
             l1 = np.abs(tok.decode(pred.numpy()) - actions[val]).mean(0) * 100
             out.append({"step": step, "dx_cm": round(float(l1[0]), 3), "dy_cm": round(float(l1[1]), 3),

@@ -7,6 +7,10 @@ Episode slot i of a task tries training seeds `seed + TASK_STRIDE * t + i * MAX_
 only on the arguments: not on `workers`, not on interruptions. Tasks draw from separate seed blocks because a seed
 sets the scene: with shared seeds, reach and pick demos would start from the same scenes and a multi-task dataset
 would hold half as many different ones.
+
+With `paired=true`, slots 2j and 2j + 1 share their seeds, so they start from the same scene: the first names the
+target, the second its look-alike (`swap_target`). The two demos differ only in the instruction and where the arm
+goes, which is the signal that teaches a policy to read the instruction in clutter.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ class DemoConfig:
     noise: float = 0.003
     distractors: int = 2
     min_distractors: int | None = None  # when set, each episode draws its clutter in [min_distractors, distractors]
+    paired: bool = False  # demo each scene twice: for the target, then for its look-alike
     output_dir: str = "data/pick"
 
     def __post_init__(self) -> None:
@@ -62,6 +67,10 @@ class DemoConfig:
         if self.min_distractors is not None and not 0 <= self.min_distractors <= self.distractors:
             raise ValueError(f"min_distractors={self.min_distractors} must lie in [0, distractors={self.distractors}]"
                              " (or be null for distractors in every episode)")
+        if self.paired and min(self.distractors, self.distractors if self.min_distractors is None
+                               else self.min_distractors) < 1:
+            raise ValueError("paired=true names the target's look-alike in the same scene, so every scene needs a "
+                             "distractor; set distractors (and min_distractors) >= 1")
         if self.seed + self.num_episodes * MAX_ATTEMPTS > TASK_STRIDE:
             raise ValueError(f"seed={self.seed} with num_episodes={self.num_episodes} runs past a task's block of "
                              f"{TASK_STRIDE:,} training seeds ({MAX_ATTEMPTS} per episode) into the next task's; "
@@ -88,6 +97,13 @@ def _slots(cfg: DemoConfig) -> list[tuple[int, str, int]]:
     return [(t * cfg.num_episodes + i, name, i) for t, name in enumerate(cfg.tasks()) for i in range(cfg.num_episodes)]
 
 
+def scene_slot(cfg: DemoConfig, slot: int) -> tuple[int, dict]:
+    """The slot whose seeds episode slot `slot` tries, and the reset options that pairing adds."""
+    if not cfg.paired:
+        return slot, {}
+    return slot // 2, {"swap_target": bool(slot % 2)}
+
+
 def distractors(cfg: DemoConfig, seed: int) -> int:
     """The clutter of the episode on `seed`: `cfg.distractors`, or a draw from [min_distractors, distractors]
     that depends on the seed alone (a mix of easy and cluttered scenes)."""
@@ -109,10 +125,11 @@ def _generate(args: tuple[DemoConfig, int, str, int]) -> tuple[int, Episode | No
     env = _ENVS[key]
     task = env.task
     errors = []
+    seeds_of, options = scene_slot(cfg, slot)
     for k in range(MAX_ATTEMPTS):
-        seed = task.train_seeds[first_seed(cfg.seed, name) + slot * MAX_ATTEMPTS + k]
+        seed = task.train_seeds[first_seed(cfg.seed, name) + seeds_of * MAX_ATTEMPTS + k]
         expert = task.expert(env, seed=seed, noise=cfg.noise)
-        r = rollout(env, expert, seed, options={"distractors": distractors(cfg, seed)})
+        r = rollout(env, expert, seed, options={"distractors": distractors(cfg, seed), **options})
         if r.error:
             errors.append(f"{name} seed {seed}: {r.error}")
         if r.success and r.error is None:
@@ -167,7 +184,8 @@ def _summary(out: Path, info: dict, seconds: float, frames_new: int) -> dict:
     for ep in episodes:
         name = ep["task_name"]
         slot = ep["episode_index"] % cfg["num_episodes"]  # slots are task-major
-        attempt = ep["seed"] - first_seed(cfg["seed"], name) - slot * MAX_ATTEMPTS
+        seeds_of = slot // 2 if cfg.get("paired") else slot
+        attempt = ep["seed"] - first_seed(cfg["seed"], name) - seeds_of * MAX_ATTEMPTS
         discarded += attempt
         stats = per_task.setdefault(name, {"episodes": 0, "frames": 0, "discarded": 0})
         stats["episodes"] += 1

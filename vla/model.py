@@ -36,6 +36,7 @@ from transformers.image_utils import PILImageResampling
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
 from vla.action_tokenizer import ActionTokenizer
+from vla.text_tokenizer import action_token
 
 STATE_TOKENIZER_FILE = "state_tokenizer.json"
 PROMPT_TEMPLATE = "In: What action should the robot take to {instruction}?\nOut:"
@@ -60,10 +61,15 @@ class VLAModelConfig:
     text_intermediate_size: int = 768
     projector_act: str = "gelu"
     max_position_embeddings: int = 256
+    # arch=fast_vlm: the instruction scales and shifts the channels of every ResNet stage (FiLM, as in RT-1), so
+    # the image tokens the LM reads are already conditioned on what to look for. Saved in config.json.
+    film: bool = False
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHITECTURES:
             raise ValueError(f"arch={self.arch!r} is not supported; choose one of {sorted(ARCHITECTURES)}")
+        if self.film and self.arch != "fast_vlm":
+            raise ValueError(f"film=true conditions a ResNet tower's stages; arch={self.arch} has none, use fast_vlm")
         for name in (
             "image_size", "patch_size", "vision_hidden_size", "vision_layers", "vision_heads",
             "vision_intermediate_size", "text_hidden_size", "text_layers", "text_heads", "text_intermediate_size",
@@ -158,13 +164,75 @@ def _conv_vision_config(cfg: VLAModelConfig) -> ResNetConfig:
 
 
 def _fastvlm_config(cfg: VLAModelConfig, tokenizer: PreTrainedTokenizerFast) -> FastVlmConfig:
-    return FastVlmConfig(
+    config = FastVlmConfig(
         vision_config=_conv_vision_config(cfg),
         text_config=LlamaConfig(**cfg.text_kwargs(tokenizer)),
         image_token_index=tokenizer.image_token_id,
         image_seq_length=cfg.num_image_tokens,
         projector_hidden_act=cfg.projector_act,
     )
+    if cfg.film:
+        # The ids FiLM averages: words of the prompt, not special, state or action tokens (those sit at the end).
+        first_word = max(tokenizer.all_special_ids) + 1
+        config.film_token_range = [first_word, tokenizer.convert_tokens_to_ids(action_token(0))]
+    return config
+
+
+class FilmFastVlm(FastVlmForConditionalGeneration):
+    """FastVLM, optionally with FiLM: when ``config.film_token_range`` is set, the mean embedding of the prompt's
+    words (ids in that range), layer-normalised, gives a per-channel scale and shift for every ResNet stage's output,
+    ``h * (1 + gamma) + beta``, zero-initialised so that training starts from the plain model.
+
+    Without it this is exactly ``FastVlmForConditionalGeneration``, so every FastVLM checkpoint loads through it.
+    Only the forward pass sets the instruction: a vision-tower call outside it raises instead of using a stale one.
+    """
+
+    def __init__(self, config: FastVlmConfig) -> None:
+        super().__init__(config)
+        self.film, self._instruction = None, None
+        if getattr(config, "film_token_range", None) is None:
+            return
+        self.film = torch.nn.ModuleList(
+            torch.nn.Linear(config.text_config.hidden_size, 2 * width) for width in config.vision_config.hidden_sizes
+        )
+        for layer in self.film:
+            torch.nn.init.zeros_(layer.weight)
+            torch.nn.init.zeros_(layer.bias)
+        for stage, layer in zip(self.model.vision_tower.encoder.stages, self.film):
+            stage.register_forward_hook(self._modulation(layer))
+
+    def _init_weights(self, module: torch.nn.Module) -> None:
+        super()._init_weights(module)
+        film = getattr(self, "film", None)  # post_init runs before __init__ has made it
+        if film is not None and any(module is layer for layer in film):
+            torch.nn.init.zeros_(module.weight)
+            torch.nn.init.zeros_(module.bias)
+
+    def _modulation(self, layer: torch.nn.Linear):
+        def hook(stage, args, out):
+            if self._instruction is None:
+                raise RuntimeError("a FiLM model reads the instruction: call the model's forward, not its vision tower")
+            gamma, beta = layer(self._instruction).chunk(2, dim=1)  # (B, C) each
+            return out * (1 + gamma[..., None, None]) + beta[..., None, None]
+        return hook
+
+    def forward(self, input_ids=None, pixel_values=None, attention_mask=None, **kwargs):
+        if self.film is None or pixel_values is None:
+            return super().forward(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                                   **kwargs)
+        low, high = self.config.film_token_range
+        words = (input_ids >= low) & (input_ids < high)
+        if attention_mask is not None:
+            words &= attention_mask.bool()
+        embeddings = self.get_input_embeddings()(input_ids) * words[..., None]  # (B, L, H)
+        mean = embeddings.sum(1) / words.sum(1, keepdim=True).clamp(min=1)
+        # Normalised: token embeddings start ~0.02 per channel, which would keep the modulation ~100x too weak.
+        self._instruction = F.layer_norm(mean, mean.shape[-1:])
+        try:
+            return super().forward(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                                   **kwargs)
+        finally:
+            self._instruction = None
 
 
 def _paligemma_config(cfg: VLAModelConfig, tokenizer: PreTrainedTokenizerFast) -> PaliGemmaConfig:
@@ -204,7 +272,7 @@ ARCHITECTURES: dict[str, _Arch] = {
     ),
     # A convolutional vision tower (ResNet) whose feature map becomes the image tokens, as in Apple's FastVLM.
     "fast_vlm": _Arch(
-        model_class=FastVlmForConditionalGeneration,
+        model_class=FilmFastVlm,
         make_config=_fastvlm_config,
     ),
     "paligemma": _Arch(

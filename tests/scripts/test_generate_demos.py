@@ -147,6 +147,25 @@ def test_min_distractors_mixes_clutter_by_seed(tmp_path):
         _cfg(tmp_path, min_distractors=3)
 
 
+def test_paired_demos_share_a_scene_and_name_the_lookalike(tmp_path):
+    summary = generate(_cfg(tmp_path, num_episodes=4, paired=True))
+    ds = LeRobotDataset(tmp_path / "d")
+    assert summary["discarded"] == 0 and summary["expert_success_rate"] == 1.0
+    seeds = [e["seed"] for e in ds.episodes]
+    assert seeds[0] == seeds[1] != seeds[2] == seeds[3]
+    env = generate_demos.make_env("reach", image_size=48)
+    for a, b in ((0, 1), (2, 3)):
+        frames_a, frames_b = ds.episode_frames(a), ds.episode_frames(b)
+        np.testing.assert_array_equal(ds[frames_a[0]]["image"], ds[frames_b[0]]["image"])  # the same scene
+        env.reset(seed=seeds[a], options={"swap_target": False})
+        target, lookalike = env.scene.get(env.scene.target).label, env.scene.get(env.scene.extra["other"]).label
+        first_a, first_b = ds[frames_a[0]]["instruction"], ds[frames_b[0]]["instruction"]
+        assert target in first_a and lookalike in first_b and target not in first_b
+        assert not np.allclose(ds[frames_a[0]]["action"], ds[frames_b[0]]["action"])  # and the arm goes elsewhere
+    with pytest.raises(ValueError, match="needs a distractor"):
+        _cfg(tmp_path, paired=True, distractors=2, min_distractors=0)
+
+
 def test_seed_blocks_of_tasks_never_overlap():
     _cfg(Path("."), seed=49_976, num_episodes=3)  # the last slot's last attempt is the block's last seed
     for kw in ({"seed": 49_977, "num_episodes": 3}, {"num_episodes": 6_251}):

@@ -45,10 +45,17 @@ def tokenizer() -> PreTrainedTokenizerFast:
     return build_tokenizer(CORPUS * 10, vocab_size=300)
 
 
-@pytest.fixture(scope="module", params=sorted(ARCHITECTURES))
+@pytest.fixture(scope="module", params=[*sorted(ARCHITECTURES), "fast_vlm/film"])
 def vla(request, tokenizer) -> VLA:
+    """Every architecture, and the default one with FiLM (its scales and shifts moved off their zero init)."""
+    arch, _, film = request.param.partition("/")
     torch.manual_seed(0)
-    return build_vla(VLAModelConfig(arch=request.param, **TINY), tokenizer)
+    vla = build_vla(VLAModelConfig(arch=arch, film=bool(film), **TINY), tokenizer)
+    if film:
+        with torch.no_grad():
+            for layer in vla.model.film:
+                layer.weight.normal_(0, 0.3)
+    return vla
 
 
 @pytest.fixture
@@ -120,6 +127,7 @@ def test_vision_positions_start_as_2d_sincos(tokenizer):
         ({"text_hidden_size": 250}, "even integer"),
         ({"vision_layers": 0}, "positive integer"),
         ({"max_position_embeddings": 40}, "raise it"),
+        ({"arch": "llava", "film": True}, "has none"),
     ],
 )
 def test_config_validation(kwargs, match):
@@ -209,7 +217,7 @@ def test_left_padded_inference_matches_unpadded_and_teacher_forcing(vla, batch_d
 
 
 def test_actions_are_causal(vla, batch_data):
-    """Changing an action token never changes logits before it; in PaliGemma the prompt prefix is bidirectional."""
+    """Changing an action token never changes logits before it; the prompt is read whole by PaliGemma and FiLM."""
     images, action_ids = batch_data
     model = vla.model.eval()
     batch = build_inputs(vla, images[:1], INSTRUCTIONS[:1], action_ids[:1])
@@ -227,7 +235,30 @@ def test_actions_are_causal(vla, batch_data):
     with torch.no_grad():
         after = model(**model_inputs(changed)).logits
     prefix_sees_future = not torch.allclose(before[0, : prompt_end - 1], after[0, : prompt_end - 1])
-    assert prefix_sees_future == ARCHITECTURES[model.config.model_type].uses_token_type_ids
+    # PaliGemma's prefix is bidirectional, and FiLM's image tokens read every word of the prompt
+    film = getattr(model, "film", None) is not None
+    assert prefix_sees_future == (ARCHITECTURES[model.config.model_type].uses_token_type_ids or film)
+
+
+def test_film_conditions_the_image_tokens_on_the_words_only(vla, batch_data):
+    images, action_ids = batch_data
+    model = vla.model.eval()
+    film = getattr(model, "film", None) is not None
+
+    def image_states(texts, actions=None):
+        batch = build_inputs(vla, images, texts, actions)
+        with torch.no_grad():
+            hidden = model(**model_inputs(batch), output_hidden_states=True).hidden_states[0]  # LM input embeddings
+        return hidden[batch["input_ids"] == model.config.image_token_id]  # (B * N, H)
+
+    base = image_states(INSTRUCTIONS)
+    other = ["push the blue ball into the green bowl"] * len(INSTRUCTIONS)
+    assert (not torch.allclose(base, image_states(other))) == film  # the image tokens depend on the instruction
+    shifted = (action_ids - action_ids.min() + 1) % 256 + action_ids.min()  # other action tokens: never read
+    torch.testing.assert_close(image_states(INSTRUCTIONS, action_ids), image_states(INSTRUCTIONS, shifted))
+    if film:
+        with pytest.raises(RuntimeError, match="call the model's forward"):
+            model.model.vision_tower(preprocess_images(images, vla.image_processor))
 
 
 def test_save_load_round_trip_and_train_step(tmp_path, vla, batch_data):
@@ -238,7 +269,7 @@ def test_save_load_round_trip_and_train_step(tmp_path, vla, batch_data):
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == vla.model.config.model_type
 
     loaded = load_model(tmp_path)
-    assert type(AutoModelForImageTextToText.from_pretrained(tmp_path)) is type(vla.model)
+    assert isinstance(vla.model, type(AutoModelForImageTextToText.from_pretrained(tmp_path)))
     batch = build_inputs(vla, images, INSTRUCTIONS, action_ids)
     assert all(torch.equal(v, build_inputs(loaded, images, INSTRUCTIONS, action_ids)[k]) for k, v in batch.items())
     with torch.no_grad():
