@@ -67,8 +67,8 @@ class DemoConfig:
         if self.min_distractors is not None and not 0 <= self.min_distractors <= self.distractors:
             raise ValueError(f"min_distractors={self.min_distractors} must lie in [0, distractors={self.distractors}]"
                              " (or be null for distractors in every episode)")
-        if self.paired and min(self.distractors, self.distractors if self.min_distractors is None
-                               else self.min_distractors) < 1:
+        fewest = self.distractors if self.min_distractors is None else self.min_distractors
+        if self.paired and fewest < 1:
             raise ValueError("paired=true names the target's look-alike in the same scene, so every scene needs a "
                              "distractor; set distractors (and min_distractors) >= 1")
         if self.seed + self.num_episodes * MAX_ATTEMPTS > TASK_STRIDE:
@@ -97,9 +97,9 @@ def _slots(cfg: DemoConfig) -> list[tuple[int, str, int]]:
     return [(t * cfg.num_episodes + i, name, i) for t, name in enumerate(cfg.tasks()) for i in range(cfg.num_episodes)]
 
 
-def scene_slot(cfg: DemoConfig, slot: int) -> tuple[int, dict]:
+def scene_slot(paired: bool, slot: int) -> tuple[int, dict]:
     """The slot whose seeds episode slot `slot` tries, and the reset options that pairing adds."""
-    if not cfg.paired:
+    if not paired:
         return slot, {}
     return slot // 2, {"swap_target": bool(slot % 2)}
 
@@ -125,7 +125,7 @@ def _generate(args: tuple[DemoConfig, int, str, int]) -> tuple[int, Episode | No
     env = _ENVS[key]
     task = env.task
     errors = []
-    seeds_of, options = scene_slot(cfg, slot)
+    seeds_of, options = scene_slot(cfg.paired, slot)
     for k in range(MAX_ATTEMPTS):
         seed = task.train_seeds[first_seed(cfg.seed, name) + seeds_of * MAX_ATTEMPTS + k]
         expert = task.expert(env, seed=seed, noise=cfg.noise)
@@ -184,7 +184,7 @@ def _summary(out: Path, info: dict, seconds: float, frames_new: int) -> dict:
     for ep in episodes:
         name = ep["task_name"]
         slot = ep["episode_index"] % cfg["num_episodes"]  # slots are task-major
-        seeds_of = slot // 2 if cfg.get("paired") else slot
+        seeds_of, _ = scene_slot(cfg.get("paired", False), slot)
         attempt = ep["seed"] - first_seed(cfg["seed"], name) - seeds_of * MAX_ATTEMPTS
         discarded += attempt
         stats = per_task.setdefault(name, {"episodes": 0, "frames": 0, "discarded": 0})

@@ -178,6 +178,22 @@ def _fastvlm_config(cfg: VLAModelConfig, tokenizer: PreTrainedTokenizerFast) -> 
     return config
 
 
+class _Instruction:
+    """The instruction vector of the current forward pass, shared by a FiLM model and its stage hooks."""
+
+    value: torch.Tensor | None = None
+
+
+def _film_hook(stage: torch.nn.Module, args, out: torch.Tensor) -> torch.Tensor:
+    # A plain function reading the stage's own attribute, so that a deep copy of the model (a frozen DPO reference)
+    # modulates with its own copies of the layer and the instruction.
+    layer, instruction = stage.film
+    if instruction.value is None:
+        raise RuntimeError("a FiLM model reads the instruction: call the model's forward, not its vision tower")
+    gamma, beta = layer(instruction.value).chunk(2, dim=1)  # (B, C) each
+    return out * (1 + gamma[..., None, None]) + beta[..., None, None]
+
+
 class FilmFastVlm(FastVlmForConditionalGeneration):
     """FastVLM, optionally with FiLM: when ``config.film_token_range`` is set, the mean embedding of the prompt's
     words (ids in that range), layer-normalised, gives a per-channel scale and shift for every ResNet stage's output,
@@ -189,7 +205,7 @@ class FilmFastVlm(FastVlmForConditionalGeneration):
 
     def __init__(self, config: FastVlmConfig) -> None:
         super().__init__(config)
-        self.film, self._instruction = None, None
+        self.film, self._instruction = None, _Instruction()
         if getattr(config, "film_token_range", None) is None:
             return
         self.film = torch.nn.ModuleList(
@@ -199,22 +215,15 @@ class FilmFastVlm(FastVlmForConditionalGeneration):
             torch.nn.init.zeros_(layer.weight)
             torch.nn.init.zeros_(layer.bias)
         for stage, layer in zip(self.model.vision_tower.encoder.stages, self.film):
-            stage.register_forward_hook(self._modulation(layer))
+            stage.film = (layer, self._instruction)  # a plain attribute: not a submodule, not in the state dict
+            stage.register_forward_hook(_film_hook)
 
     def _init_weights(self, module: torch.nn.Module) -> None:
         super()._init_weights(module)
         film = getattr(self, "film", None)  # post_init runs before __init__ has made it
-        if film is not None and any(module is layer for layer in film):
+        if film is not None and any(module is layer for layer in film):  # weights a checkpoint lacks start at zero
             torch.nn.init.zeros_(module.weight)
             torch.nn.init.zeros_(module.bias)
-
-    def _modulation(self, layer: torch.nn.Linear):
-        def hook(stage, args, out):
-            if self._instruction is None:
-                raise RuntimeError("a FiLM model reads the instruction: call the model's forward, not its vision tower")
-            gamma, beta = layer(self._instruction).chunk(2, dim=1)  # (B, C) each
-            return out * (1 + gamma[..., None, None]) + beta[..., None, None]
-        return hook
 
     def forward(self, input_ids=None, pixel_values=None, attention_mask=None, **kwargs):
         if self.film is None or pixel_values is None:
@@ -227,12 +236,12 @@ class FilmFastVlm(FastVlmForConditionalGeneration):
         embeddings = self.get_input_embeddings()(input_ids) * words[..., None]  # (B, L, H)
         mean = embeddings.sum(1) / words.sum(1, keepdim=True).clamp(min=1)
         # Normalised: token embeddings start ~0.02 per channel, which would keep the modulation ~100x too weak.
-        self._instruction = F.layer_norm(mean, mean.shape[-1:])
+        self._instruction.value = F.layer_norm(mean, mean.shape[-1:])
         try:
             return super().forward(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
                                    **kwargs)
         finally:
-            self._instruction = None
+            self._instruction.value = None
 
 
 def _paligemma_config(cfg: VLAModelConfig, tokenizer: PreTrainedTokenizerFast) -> PaliGemmaConfig:

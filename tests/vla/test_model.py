@@ -1,6 +1,7 @@
 """Tests for vla/text_tokenizer.py and vla/model.py on tiny random-weight models of both architectures."""
 
 import json
+from copy import deepcopy
 
 import numpy as np
 import pytest
@@ -259,6 +260,15 @@ def test_film_conditions_the_image_tokens_on_the_words_only(vla, batch_data):
     if film:
         with pytest.raises(RuntimeError, match="call the model's forward"):
             model.model.vision_tower(preprocess_images(images, vla.image_processor))
+        copy = vla._replace(model=deepcopy(model))  # a frozen reference, as DPO keeps one
+        torch.testing.assert_close(image_states(INSTRUCTIONS), base)
+        with torch.no_grad():
+            copy.model.film[0].bias.fill_(1.0)
+        batch = build_inputs(copy, images, INSTRUCTIONS)
+        with torch.no_grad():
+            moved = copy.model(**model_inputs(batch), output_hidden_states=True).hidden_states[0]
+        assert not torch.allclose(moved[batch["input_ids"] == model.config.image_token_id], base)  # its own layers
+        torch.testing.assert_close(image_states(INSTRUCTIONS), base)  # and the original keeps its own
 
 
 def test_save_load_round_trip_and_train_step(tmp_path, vla, batch_data):
