@@ -62,9 +62,10 @@ class Probe(nn.Module):
                                                   downsample_in_first_stage=False))
             width = 192
         cells = 1 if kind == "resnet_mean" else 36  # a 6x6 map from 96 px for every tower
-        reads_state = kind in ("resnet_state", "resnet_text", "resnet_film")
-        extra = 7 * reads_state  # the proprio state, scaled to [-1, 1] by its q01/q99
-        if kind in ("resnet_text", "resnet_film"):
+        self.reads_text = kind in ("resnet_text", "resnet_film")
+        self.reads_state = self.reads_text or kind == "resnet_state"
+        extra = 7 * self.reads_state  # the proprio state, scaled to [-1, 1] by its q01/q99
+        if self.reads_text:
             self.words = nn.EmbeddingBag(vocab + 1, TEXT_DIM, mode="mean", padding_idx=vocab)  # the mean skips pads
             extra += TEXT_DIM
         if kind == "resnet_film":
@@ -92,7 +93,7 @@ class Probe(nn.Module):
         else:
             h = self.tower(x).last_hidden_state  # (B, C, 6, 6)
             h = h.mean((2, 3)) if self.kind == "resnet_mean" else h.flatten(1)
-            if self.kind in ("resnet_state", "resnet_text", "resnet_film"):
+            if self.reads_state:
                 h = torch.cat([h, state], dim=1)
         return self.head(h).view(-1, 2, 256).log_softmax(-1)
 
@@ -116,10 +117,10 @@ def run(root: str, kind: str, steps: int, sigma: float = 4.0, seed: int = 0) -> 
     vocab = {w: n for n, w in enumerate(sorted({w for t in texts for w in t}))}
     pad, width = len(vocab), max(len(t) for t in texts)
     words = torch.tensor([[vocab[w] for w in t] + [pad] * (width - len(t)) for t in texts])
-    reads_text = kind in ("resnet_text", "resnet_film")
     median_l1 = np.abs(actions[val] - np.median(actions[~val], axis=0)).mean(0) * 100
     train_idx = np.flatnonzero(~val)
     model = Probe(kind, len(vocab))
+    reads_text = model.reads_text
     opt = torch.optim.AdamW(model.parameters(), 3e-4)
     grid = torch.arange(256).float()
     rng = np.random.default_rng(seed)

@@ -39,11 +39,6 @@ MAX_ATTEMPTS = 8
 TASK_STRIDE = 50_000  # training seeds per task block; preference collection starts at 500,000
 
 
-def first_seed(seed: int, name: str) -> int:
-    """The training-seed index of slot 0, attempt 0 of task ``name`` in a dataset generated with ``seed``."""
-    return seed + TASK_STRIDE * sorted(TASKS).index(name)
-
-
 @dataclass
 class DemoConfig:
     task: str = "pick"
@@ -97,11 +92,9 @@ def _slots(cfg: DemoConfig) -> list[tuple[int, str, int]]:
     return [(t * cfg.num_episodes + i, name, i) for t, name in enumerate(cfg.tasks()) for i in range(cfg.num_episodes)]
 
 
-def scene_slot(paired: bool, slot: int) -> tuple[int, dict]:
-    """The slot whose seeds episode slot `slot` tries, and the reset options that pairing adds."""
-    if not paired:
-        return slot, {}
-    return slot // 2, {"swap_target": bool(slot % 2)}
+def slot_start(seed: int, name: str, slot: int, paired: bool) -> int:
+    """The training-seed index of attempt 0 of episode slot `slot`; paired slots 2j and 2j + 1 share slot j's."""
+    return seed + TASK_STRIDE * sorted(TASKS).index(name) + (slot // 2 if paired else slot) * MAX_ATTEMPTS
 
 
 def distractors(cfg: DemoConfig, seed: int) -> int:
@@ -125,9 +118,9 @@ def _generate(args: tuple[DemoConfig, int, str, int]) -> tuple[int, Episode | No
     env = _ENVS[key]
     task = env.task
     errors = []
-    seeds_of, options = scene_slot(cfg.paired, slot)
+    options = {"swap_target": bool(slot % 2)} if cfg.paired else {}  # the second of a pair names the look-alike
     for k in range(MAX_ATTEMPTS):
-        seed = task.train_seeds[first_seed(cfg.seed, name) + seeds_of * MAX_ATTEMPTS + k]
+        seed = task.train_seeds[slot_start(cfg.seed, name, slot, cfg.paired) + k]
         expert = task.expert(env, seed=seed, noise=cfg.noise)
         r = rollout(env, expert, seed, options={"distractors": distractors(cfg, seed), **options})
         if r.error:
@@ -184,8 +177,7 @@ def _summary(out: Path, info: dict, seconds: float, frames_new: int) -> dict:
     for ep in episodes:
         name = ep["task_name"]
         slot = ep["episode_index"] % cfg["num_episodes"]  # slots are task-major
-        seeds_of, _ = scene_slot(cfg.get("paired", False), slot)
-        attempt = ep["seed"] - first_seed(cfg["seed"], name) - seeds_of * MAX_ATTEMPTS
+        attempt = ep["seed"] - slot_start(cfg["seed"], name, slot, cfg.get("paired", False))
         discarded += attempt
         stats = per_task.setdefault(name, {"episodes": 0, "frames": 0, "discarded": 0})
         stats["episodes"] += 1

@@ -246,10 +246,10 @@ def test_film_conditions_the_image_tokens_on_the_words_only(vla, batch_data):
     model = vla.model.eval()
     film = getattr(model, "film", None) is not None
 
-    def image_states(texts, actions=None):
-        batch = build_inputs(vla, images, texts, actions)
+    def image_states(texts, actions=None, of=vla):
+        batch = build_inputs(of, images, texts, actions)
         with torch.no_grad():
-            hidden = model(**model_inputs(batch), output_hidden_states=True).hidden_states[0]  # LM input embeddings
+            hidden = of.model(**model_inputs(batch), output_hidden_states=True).hidden_states[0]  # LM input embeddings
         return hidden[batch["input_ids"] == model.config.image_token_id]  # (B * N, H)
 
     base = image_states(INSTRUCTIONS)
@@ -264,10 +264,7 @@ def test_film_conditions_the_image_tokens_on_the_words_only(vla, batch_data):
         torch.testing.assert_close(image_states(INSTRUCTIONS), base)
         with torch.no_grad():
             copy.model.film[0].bias.fill_(1.0)
-        batch = build_inputs(copy, images, INSTRUCTIONS)
-        with torch.no_grad():
-            moved = copy.model(**model_inputs(batch), output_hidden_states=True).hidden_states[0]
-        assert not torch.allclose(moved[batch["input_ids"] == model.config.image_token_id], base)  # its own layers
+        assert not torch.allclose(image_states(INSTRUCTIONS, of=copy), base)  # the copy modulates with its own layers
         torch.testing.assert_close(image_states(INSTRUCTIONS), base)  # and the original keeps its own
 
 
