@@ -61,6 +61,7 @@ class CollectConfig:
     task: str = "all"  # all, a task name, or a comma-separated list
     temperature: float = 1.0  # sampling temperature of the policy (> 0, or all K rollouts are alike)
     safety_fraction: float = 0.5  # share of each task's starts with the safety suite's hazards
+    distractors: int | None = None  # objects besides the target in every start; null = the tasks' own (2)
     seed_offset: int = 500_000  # first training seed used, per task
     max_steps: int | None = None  # step budget per rollout; null = each task's own
     margin: float = 0.05  # minimum gap in judge total between chosen and rejected
@@ -85,6 +86,8 @@ class CollectConfig:
             raise ValueError(f"safety_fraction={self.safety_fraction} must lie in [0, 1] and margin={self.margin} >= 0")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"max_steps={self.max_steps} must be >= 1 (or null for the tasks' budgets)")
+        if self.distractors is not None and self.distractors < 0:
+            raise ValueError(f"distractors={self.distractors} must be >= 0 (or null for the tasks' own clutter)")
         check_backend(self.backend)
         per_task = -(-self.starts // len(self.tasks()))
         for name in self.tasks():
@@ -104,12 +107,13 @@ class CollectConfig:
 def start_states(cfg: CollectConfig) -> list[dict]:
     """Start i: {"index", "task", "kind" ("train" | "safety"), "seed", "options"}."""
     tasks, f, out = cfg.tasks(), cfg.safety_fraction, []
+    clutter = {} if cfg.distractors is None else {"distractors": cfg.distractors}
     for i in range(cfg.starts):
         task, j = tasks[i % len(tasks)], i // len(tasks)
         safety = int((j + 1) * f) - int(j * f) == 1  # evenly spread: exactly round-down(n * f) of a task's n starts
         out.append({"index": i, "task": task, "kind": "safety" if safety else "train",
                     "seed": get_task(task).train_seeds[cfg.seed_offset + j],
-                    "options": dict(SAFETY_OPTIONS) if safety else {}})
+                    "options": (dict(SAFETY_OPTIONS) if safety else {}) | clutter})
     return out
 
 

@@ -48,9 +48,8 @@ class PipelineError(ValueError):
 
 @dataclass
 class DemoStage:
-    num_episodes: int = 300  # per task
+    num_episodes: int = 1000  # per task
     noise: float = 0.003
-    distractors: int = 2
     seed: int = 0
 
 
@@ -96,6 +95,7 @@ class PipelineConfig:
     output_dir: str = "runs/pipeline"
     stages: str = "all"  # all, or a comma-separated subset of STAGES (run in pipeline order)
     task: str = "reach,pick"  # tasks of the demos, the suites and the preference starts
+    distractors: int = 0  # objects besides the target in every scene of the demos, the suites and the starts
     workers: int = 2  # processes for demos, evaluation and preference collection
     backend: str = "local"  # local or ray (tasks.parallel)
     demos: DemoStage = field(default_factory=DemoStage)
@@ -110,6 +110,8 @@ class PipelineConfig:
             raise PipelineError(f"stages={self.stages!r}: unknown {unknown}; choose from all, {', '.join(STAGES)}")
         if self.workers < 1:
             raise PipelineError(f"workers={self.workers} must be >= 1")
+        if self.distractors < 0:
+            raise PipelineError(f"distractors={self.distractors} must be >= 0")
         check_backend(self.backend)
 
     def selected(self) -> list[str]:
@@ -130,8 +132,8 @@ class Pipeline:
 
     def demos(self):
         c = self.cfg
-        demo = DemoConfig(task=c.task, workers=c.workers, backend=c.backend, output_dir=str(self.dirs["demos"]),
-                          **asdict(c.demos))
+        demo = DemoConfig(task=c.task, distractors=c.distractors, workers=c.workers, backend=c.backend,
+                          output_dir=str(self.dirs["demos"]), **asdict(c.demos))
         return demo.dataset_config(), lambda: generate(demo)
 
     def sft(self):
@@ -142,18 +144,21 @@ class Pipeline:
 
     def _eval(self, policy: str, suite: str, baseline: str | None = None) -> EvalConfig:
         c, name = self.cfg, policy if policy in BUILTIN else Path(policy).parent.name
-        return EvalConfig(policy=policy, suite=suite, task=c.task, workers=c.workers, backend=c.backend,
-                          baseline=baseline, output_dir=str(self.dirs["eval"] / f"{name}-{suite}"),
+        return EvalConfig(policy=policy, suite=suite, task=c.task, distractors=c.distractors, workers=c.workers,
+                          backend=c.backend, baseline=baseline, output_dir=str(self.dirs["eval"] / f"{name}-{suite}"),
                           **asdict(c.eval))
+
+    def _eval_settings(self) -> dict:
+        return {"task": self.cfg.task, "distractors": self.cfg.distractors, **asdict(self.cfg.eval)}
 
     def eval(self):
         runs = [self._eval(p, s) for p in ("expert", "random", str(self.sft_ckpt)) for s in SUITES]
-        return {"task": self.cfg.task, **asdict(self.cfg.eval)}, lambda: [evaluate(r) for r in runs]
+        return self._eval_settings(), lambda: [evaluate(r) for r in runs]
 
     def prefs(self):
         c = self.cfg
         pc = CollectConfig(policy=str(self.sft_ckpt), output_dir=str(self.dirs["prefs"]), task=c.task,
-                           workers=c.workers, backend=c.backend,
+                           distractors=c.distractors, workers=c.workers, backend=c.backend,
                            **{f.name: getattr(c.prefs, f.name) for f in fields(c.prefs)})
         return pc.dataset_config() | {"policy": None}, lambda: collect(pc)
 
@@ -164,7 +169,7 @@ class Pipeline:
 
     def eval_dpo(self):
         runs = [self._eval(str(self.dpo_ckpt), s, baseline=str(self.dirs["eval"] / f"sft-{s}")) for s in SUITES]
-        return {"task": self.cfg.task, **asdict(self.cfg.eval)}, lambda: [evaluate(r) for r in runs]
+        return self._eval_settings(), lambda: [evaluate(r) for r in runs]
 
     # ---- running them ----
 
@@ -226,7 +231,7 @@ class Pipeline:
                 comparison = json.loads((report / "summary.json").read_text())["comparison"] or {}
                 notes += [f"- {suite}: {v}" for v in comparison.values()]
         videos = sorted(str(p) for p in self.dirs["eval"].glob("*/videos/*.gif"))
-        markdown = "\n".join([f"# Pipeline results ({self.cfg.task}, {self.out})", "", *lines, "",
+        markdown = "\n".join([f"# Pipeline results ({self.cfg.task}, {self.cfg.distractors} distractors, {self.out})", "", *lines, "",
                               *(["DPO vs SFT on identical episodes:", *notes, ""] if notes else []),
                               f"Videos: {len(videos)} GIFs under {self.dirs['eval']}/*/videos/", ""])
         return {"rows": rows, "videos": videos, "markdown": markdown}

@@ -21,9 +21,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import collect_preferences
-from collect_preferences import CollectConfig, collect
+from collect_preferences import CollectConfig, collect, start_states
 
-from tasks import get_task
+from tasks import get_task, make_env
 from tasks.judge import JudgeWeights
 from tasks.suites import SUITES
 from vla.action_tokenizer import ActionTokenizer
@@ -153,6 +153,23 @@ def test_collect_config_checks_values():
         CollectConfig(policy="p", output_dir="x", rollouts_per_start=1)
     with pytest.raises(ValueError, match="leaves the 1000000 training seeds"):
         CollectConfig(policy="p", output_dir="x", seed_offset=999_990, starts=100)
+
+
+def test_distractors_set_the_clutter_of_every_start():
+    cfg = CollectConfig(policy="p", output_dir="x", starts=4, task="reach", distractors=0)
+    starts = start_states(cfg)
+    assert [s["options"]["distractors"] for s in starts] == [0] * 4
+    assert {s["kind"] for s in starts} == {"train", "safety"}
+    assert all(s["options"]["fragile"] for s in starts if s["kind"] == "safety")
+    assert all("distractors" not in s["options"] for s in start_states(replace(cfg, distractors=None)))
+    env = make_env("reach", image_size=32)
+    env.reset(seed=starts[0]["seed"], options=starts[0]["options"])
+    assert len(env.unwrapped.scene.objects) == 1
+    env.reset(seed=starts[0]["seed"])
+    assert len(env.unwrapped.scene.objects) == 3
+    env.close()
+    with pytest.raises(ValueError, match="distractors=-1 must be >= 0"):
+        replace(cfg, distractors=-1)
 
 
 def test_configs_compose_to_the_schema_defaults():

@@ -87,9 +87,18 @@ def test_unknown_stage_and_key_fail_with_one_line(tmp_path):
     assert proc.returncode != 0 and "stepz" in proc.stderr and not any(tmp_path.iterdir())
 
 
+def test_distractors_reach_every_stage(tmp_path):
+    p = Pipeline(_cfg(tmp_path, "distractors=1"))
+    assert p.demos()[0]["distractors"] == 1 and p.prefs()[0]["distractors"] == 1
+    assert p.eval()[0]["distractors"] == 1 and p.eval_dpo()[0]["distractors"] == 1
+    assert {p._eval(policy, "safety").distractors for policy in ("expert", str(p.sft_ckpt))} == {1}
+    with pytest.raises(PipelineError, match="distractors=-1 must be >= 0"):
+        _cfg(tmp_path, "distractors=-1")
+
+
 def test_full_experiment_composes():
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         pipeline.register_configs()
         cfg = OmegaConf.to_object(compose("pipeline", overrides=["experiment=full"]))
-    assert cfg.task == "all" and cfg.sft.train.steps > PipelineConfig().sft.train.steps
-    assert cfg.demos.num_episodes > 150 and cfg.output_dir == "runs/full"
+    assert cfg.task == "all" and cfg.distractors == 2 and cfg.sft.train.steps > PipelineConfig().sft.train.steps
+    assert cfg.demos.num_episodes == 400 and cfg.output_dir == "runs/full"
