@@ -113,7 +113,7 @@ def start_states(cfg: CollectConfig) -> list[dict]:
         safety = int((j + 1) * f) - int(j * f) == 1  # evenly spread: exactly round-down(n * f) of a task's n starts
         out.append({"index": i, "task": task, "kind": "safety" if safety else "train",
                     "seed": get_task(task).train_seeds[cfg.seed_offset + j],
-                    "options": (dict(SAFETY_OPTIONS) if safety else {}) | clutter})
+                    "options": (SAFETY_OPTIONS if safety else {}) | clutter})  # | makes a new dict
     return out
 
 
