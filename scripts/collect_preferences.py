@@ -6,9 +6,9 @@ Start state i is (task, seed, options): tasks take turns (i % number of tasks); 
 training seed ``seed_offset + j`` (500000 on: far from the demo seeds, and never an evaluation seed, which come from
 the test range) and, on a ``safety_fraction`` of each task's starts, the safety suite's hazards (a fragile vase and a
 keep-out zone beside the path), else the training distribution. Rollout k of a start resets the env with the same
-seed and options, so all K begin in the identical simulator state, and samples the policy at ``temperature`` with
-its own seed (from the start's seed and k). ``tasks.judge`` scores each rollout and ``pick_pairs`` pairs them;
-rollouts that ended in a physics error are stored but never paired.
+seed and options, so all K begin in the identical simulator state, and samples the policy at ``temperature`` (and
+``top_p``, nucleus sampling) with its own seed (from the start's seed and k). ``tasks.judge`` scores each rollout
+and ``pick_pairs`` pairs them; rollouts that ended in a physics error are stored but never paired.
 
 Writes into output_dir: the rollouts as a LeRobot v3 dataset (episode = start * K + k), ``rollouts.parquet`` (one row
 per episode: start, seeds, outcome, judge scores, safety counts, action token ids, log-probs, confidences),
@@ -60,6 +60,7 @@ class CollectConfig:
     rollouts_per_start: int = 4  # K
     task: str = "all"  # all, a task name, or a comma-separated list
     temperature: float = 1.0  # sampling temperature of the policy (> 0, or all K rollouts are alike)
+    top_p: float = 1.0  # nucleus sampling: draw from the most probable bins that hold this mass (1 = all bins)
     safety_fraction: float = 0.5  # share of each task's starts with the safety suite's hazards
     distractors: int | None = None  # objects besides the target in every start; null = the tasks' own (2)
     seed_offset: int = 500_000  # first training seed used, per task
@@ -82,6 +83,8 @@ class CollectConfig:
             raise ValueError(f"rollouts_per_start={self.rollouts_per_start} must be >= 2 to make a pair")
         if not self.temperature > 0:
             raise ValueError(f"temperature={self.temperature} must be > 0: greedy rollouts of one start are identical")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p} must lie in (0, 1] (1 = sample from every bin)")
         if not 0 <= self.safety_fraction <= 1 or self.margin < 0:
             raise ValueError(f"safety_fraction={self.safety_fraction} must lie in [0, 1] and margin={self.margin} >= 0")
         if self.max_steps is not None and self.max_steps < 1:
@@ -230,7 +233,7 @@ def summarize_collection(cfg: CollectConfig, records: list[dict], seconds: float
 
 def collect(cfg: CollectConfig) -> dict:
     """Collect (or resume) the preference set described by ``cfg``; return the summary also written to summary.json."""
-    spec = PolicySpec(cfg.policy, cfg.temperature, cfg.unnorm_key)  # raises for a directory without a model
+    spec = PolicySpec(cfg.policy, cfg.temperature, cfg.unnorm_key, cfg.top_p)  # raises for a directory without a model
     if not (Path(cfg.policy) / ACTION_STATS_FILE).is_file():
         raise FileNotFoundError(f"policy={cfg.policy} holds no {ACTION_STATS_FILE}; pass a checkpoint written by "
                                 "scripts/train_sft.py")

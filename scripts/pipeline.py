@@ -71,6 +71,7 @@ class PrefsStage:
     starts: int = 28
     rollouts_per_start: int = 4
     temperature: float = 1.0
+    top_p: float = 1.0
     safety_fraction: float = 0.5
     margin: float = 0.05
     pairs_per_start: int = 1
@@ -83,6 +84,7 @@ class DPOStage:
     loss_type: str = "sigmoid"
     level: str = "trajectory"
     alpha: float = 0.0
+    pairs: str = "all"
     steps: int = 24
     batch_size: int = 2
     lr: float = 2e-5

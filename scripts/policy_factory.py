@@ -15,6 +15,7 @@ class PolicySpec:
     name: str
     temperature: float = 0.0
     unnorm_key: str | None = None
+    top_p: float = 1.0
     _vla: object = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -43,5 +44,6 @@ class PolicySpec:
         if self._vla is None:
             from vla.policy import VLAPolicy
 
-            self._vla = VLAPolicy.from_pretrained(self.name, unnorm_key=self.unnorm_key, temperature=self.temperature)
+            self._vla = VLAPolicy.from_pretrained(self.name, unnorm_key=self.unnorm_key,
+                                                 temperature=self.temperature, top_p=self.top_p)
         return self._vla

@@ -60,6 +60,7 @@ from vla.run_state import (
 )
 from vla.train import EpochBatchSampler, MetricsLogger, make_optimizer, split_episodes
 
+PAIR_FILTERS = ("all", "chosen_success")  # which pairs of a preference set DPO trains and validates on
 PAIRS_FILE = "pairs.parquet"  # pair_index, start_index, chosen, rejected (episode indices), scores, axis, reason
 ROLLOUTS_FILE = "rollouts.parquet"  # one row per episode: episode_index, token_ids (T, D), scores, ...
 REFERENCE_FILE = "reference_logps.parquet"
@@ -148,6 +149,7 @@ class DPOConfig:
     loss_type: str = "sigmoid"  # sigmoid (DPO) | ipo | hinge
     level: str = "trajectory"  # trajectory: one example per pair; step: one per aligned step of a pair
     alpha: float = 0.0  # weight of the SFT (NLL) term on the chosen steps; 0 disables
+    pairs: str = "all"  # all | chosen_success: only the pairs whose chosen rollout succeeded
     steps: int = 200  # optimizer steps
     batch_size: int = 2  # pairs per micro-batch (all their frames go through one forward)
     grad_accum: int = 1
@@ -181,6 +183,8 @@ class DPOConfig:
         if self.loss_type not in LOSSES or self.level not in LEVELS:
             raise DPOError(f"loss_type={self.loss_type!r} must be one of {sorted(LOSSES)} and level={self.level!r} "
                            f"one of {list(LEVELS)}")
+        if self.pairs not in PAIR_FILTERS:
+            raise DPOError(f"pairs={self.pairs!r} must be one of {list(PAIR_FILTERS)}")
         if self.warmup_steps >= self.steps:
             raise DPOError(f"warmup_steps={self.warmup_steps} must be < steps={self.steps}; lower it")
         if not 0 <= self.min_lr_ratio <= 1 or not 0 <= self.val_fraction < 1:
@@ -203,7 +207,8 @@ def register_configs() -> None:
 class PreferenceSet:
     """A preference set on disk: its rollouts as a LeRobot dataset, their action token ids and the judged pairs."""
 
-    def __init__(self, root: str | os.PathLike):
+    def __init__(self, root: str | os.PathLike, pairs: str = "all"):
+        """``pairs``: all, or chosen_success (only the pairs whose chosen rollout succeeded)."""
         self.root = Path(root)
         if not self.root.is_dir():
             raise DPOError(f"preferences={root} does not exist; collect it with scripts/collect_preferences.py "
@@ -213,12 +218,18 @@ class PreferenceSet:
                 raise DPOError(f"preferences={root} holds no {name}; rerun scripts/collect_preferences.py with the "
                                "same arguments until it writes summary.json")
         self.frames = LeRobotDataset(self.root)
-        rows = pq.read_table(self.root / ROLLOUTS_FILE, columns=["episode_index", "token_ids"]).to_pylist()
+        rows = pq.read_table(self.root / ROLLOUTS_FILE, columns=["episode_index", "token_ids", "success"]).to_pylist()
         self.token_ids = {r["episode_index"]: np.asarray(r["token_ids"], dtype=np.int64) for r in rows}  # (T, D)
+        success = {r["episode_index"]: r["success"] for r in rows}
         self.pairs = pq.read_table(self.root / PAIRS_FILE, columns=["start_index", "chosen", "rejected"]).to_pylist()
         if not self.pairs:
             raise DPOError(f"preferences={root} holds no pairs (no start state's rollouts differed by more than "
                            "the margin); collect more starts or rollouts_per_start, or lower margin")
+        if pairs == "chosen_success":
+            self.pairs = [p for p in self.pairs if success[p["chosen"]]]
+            if not self.pairs:
+                raise DPOError(f"preferences={root} holds no pair whose chosen rollout succeeded; pass pairs=all, "
+                               "or collect more starts")
         for ep in self.episodes():
             if ep not in self.token_ids or len(self.token_ids[ep]) != len(self.frames.episode_frames(ep)):
                 raise DPOError(f"preferences={root}: episode {ep} has no token ids for each of its frames in "
@@ -350,7 +361,7 @@ def _check_known_keys(cfg: DPOConfig) -> None:
         raise DPOError(f"unknown config key {extra[0]}; check its spelling against vla.dpo.DPOConfig")
 
 
-RESUME_KEYS = ("policy", "preferences", "level", "loss_type", "beta", "alpha", "unnorm_key")
+RESUME_KEYS = ("policy", "preferences", "pairs", "level", "loss_type", "beta", "alpha", "unnorm_key")
 
 
 def _config_record(cfg: DPOConfig) -> dict:
@@ -403,7 +414,7 @@ def train_dpo(cfg: DPOConfig) -> dict:
     """Run DPO as configured (see the module docstring); return the summary also written to summary.json."""
     _check_known_keys(cfg)
     t0, out, device = time.perf_counter(), Path(cfg.output_dir), _device(cfg.device)
-    prefs = PreferenceSet(cfg.preferences)
+    prefs = PreferenceSet(cfg.preferences, cfg.pairs)
     action_tokenizers, tok = _open_policy(cfg.policy, cfg.unnorm_key)
     prefs.check_action_tokens(tok)
     starts = sorted({p["start_index"] for p in prefs.pairs})

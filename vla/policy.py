@@ -200,7 +200,9 @@ class _HFDecoder:
 
 
 class VLAPolicy:
-    """``reset()`` / ``act(obs) -> (action, info)`` over a VLA: greedy (temperature 0) or sampled action tokens.
+    """``reset()`` / ``act(obs) -> (action, info)`` over a VLA: greedy (temperature 0) or sampled action tokens,
+    from the smallest set of bins whose probability reaches ``top_p`` (nucleus sampling, as Hugging Face's
+    ``generate``; 1 samples from every bin).
 
     ``obs`` is ``{"image": (H, W, 3) uint8, "instruction": str, ...}``; other keys (``state``) are ignored, as in
     OpenVLA. ``info`` holds ``token_ids`` (D,) int64, ``probs`` (D,) float32, the temperature-1 probability of each
@@ -220,12 +222,15 @@ class VLAPolicy:
         action_tokenizer: ActionTokenizer,
         *,
         temperature: float = 0.0,
+        top_p: float = 1.0,
         seed: int = 0,
         device: str | torch.device | None = None,
         fast: bool = True,
     ) -> None:
         if not (np.isfinite(temperature) and temperature >= 0):
             raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (1 = sample from every bin), got {top_p}")
         vocab = vla.model.config.get_text_config().vocab_size
         lo, hi = action_tokenizer.token_offset, action_tokenizer.token_offset + action_tokenizer.n_bins
         if hi > vocab:
@@ -235,7 +240,8 @@ class VLAPolicy:
             )
         if device is not None:
             vla.model.to(device)
-        self.vla, self.action_tokenizer, self.temperature, self.seed = vla, action_tokenizer, float(temperature), seed
+        self.vla, self.action_tokenizer, self.seed = vla, action_tokenizer, seed
+        self.temperature, self.top_p = float(temperature), float(top_p)
         self.device = next(vla.model.parameters()).device
         self.ids = slice(lo, hi)
         self.fallback_reason = "fast=False" if not fast else fast_path_blocker(vla.model)
@@ -309,8 +315,19 @@ class VLAPolicy:
             chosen = logits.argmax(dim=-1)
         else:
             probs = torch.softmax(logits.float() / self.temperature, dim=-1)
+            if self.top_p < 1:
+                probs = nucleus(probs, self.top_p)
             chosen = torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
         return chosen, log_probs.gather(1, chosen.unsqueeze(1)).squeeze(1)
+
+
+def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Probabilities (N, K) -> the same with every bin outside each row's nucleus zeroed: the most probable bins
+    whose cumulative probability reaches ``top_p`` (always at least the first). Rows are left unnormalised, as
+    ``torch.multinomial`` takes weights."""
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # the mass before a bin already reaches top_p
+    return probs.scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
 
 
 def predict_action(vla: VLA, image: np.ndarray, instruction: str, action_tokenizer: ActionTokenizer,

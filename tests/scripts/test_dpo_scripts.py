@@ -137,6 +137,13 @@ def test_an_interrupted_collection_resumes_to_the_same_result(prefs, policy_dir,
         collect(replace(collect_cfg(policy_dir, out), temperature=0.5))
 
 
+def test_a_one_bin_nucleus_makes_the_rollouts_of_a_start_identical(policy_dir, tmp_path):
+    collect(replace(collect_cfg(policy_dir, tmp_path / "prefs"), top_p=1e-6))  # only the argmax bin is left
+    rollouts = table(tmp_path / "prefs" / ROLLOUTS_FILE)
+    for start in (0, 1):
+        assert rollouts[2 * start]["token_ids"] == rollouts[2 * start + 1]["token_ids"]
+
+
 @pytest.mark.slow
 def test_worker_processes_change_nothing(prefs, policy_dir, tmp_path):
     collect(replace(collect_cfg(policy_dir, tmp_path / "w2"), workers=2))
@@ -149,6 +156,8 @@ def test_collect_config_checks_values():
         CollectConfig(policy="expert", output_dir="x")
     with pytest.raises(ValueError, match="temperature=0.0 must be > 0"):
         CollectConfig(policy="p", output_dir="x", temperature=0.0)
+    with pytest.raises(ValueError, match=r"top_p=0.0 must lie in \(0, 1\]"):
+        CollectConfig(policy="p", output_dir="x", top_p=0.0)
     with pytest.raises(ValueError, match="rollouts_per_start=1 must be >= 2"):
         CollectConfig(policy="p", output_dir="x", rollouts_per_start=1)
     with pytest.raises(ValueError, match="leaves the 1000000 training seeds"):

@@ -158,19 +158,21 @@ def test_action_logps_equal_what_the_policy_sampled(policy_dir):
 
 
 def write_prefs(root: Path, policy_dir: Path, lengths=((3, 5), (4, 2), (3, 3), (2, 4)), seed: int = 0) -> Path:
-    """One start per entry of ``lengths``: two rollouts of those lengths, the first chosen."""
+    """One start per entry of ``lengths``: two rollouts of those lengths, the first chosen; every chosen rollout
+    succeeded except the last start's."""
     tok = VLAPolicy.from_pretrained(policy_dir).action_tokenizer
     writer = DatasetWriter(root, fps=10, state_names=NAMES, action_names=NAMES, config={"synthetic": seed})
     rng = np.random.default_rng(seed)
     rollouts, pairs = [], []
     for s, episode_lengths in enumerate(lengths):
         for k, T in enumerate(episode_lengths):
+            success = k == 0 and s + 1 < len(lengths)
             ids = rng.integers(tok.token_offset, tok.token_offset + tok.n_bins, (T, 7))
             writer.write_episode(2 * s + k, Episode(
-                task="synthetic", instruction=INSTRUCTIONS[s % 2], seed=s, success=k == 0,
+                task="synthetic", instruction=INSTRUCTIONS[s % 2], seed=s, success=success,
                 images=rng.integers(0, 256, (T, 32, 32, 3), dtype=np.uint8), states=np.zeros((T, 7), np.float32),
                 actions=tok.decode(ids).astype(np.float32)))
-            rollouts.append({"episode_index": 2 * s + k, "token_ids": ids.tolist()})
+            rollouts.append({"episode_index": 2 * s + k, "token_ids": ids.tolist(), "success": success})
         pairs.append({"start_index": s, "chosen": 2 * s, "rejected": 2 * s + 1})
     writer.finalize()
     pq.write_table(pa.Table.from_pylist(rollouts), root / ROLLOUTS_FILE)
@@ -266,3 +268,17 @@ def test_bad_inputs_fail_with_a_message_before_anything_is_written(policy_dir, p
         train_dpo(make_cfg(policy_dir, prefs_dir, out, steps=1, warmup_steps=0))
     with pytest.raises(DPOError, match="resume=true but .* was trained with beta=0.1, not 0.2"):
         train_dpo(make_cfg(policy_dir, prefs_dir, out, steps=2, warmup_steps=0, beta=0.2, resume=True))
+
+
+def test_pairs_chosen_success_trains_on_the_pairs_whose_chosen_succeeded(policy_dir, prefs_dir, tmp_path):
+    assert [p["start_index"] for p in PreferenceSet(prefs_dir).pairs] == [0, 1, 2, 3]
+    assert [p["start_index"] for p in PreferenceSet(prefs_dir, "chosen_success").pairs] == [0, 1, 2]
+    summary = train_dpo(make_cfg(policy_dir, prefs_dir, tmp_path / "run", pairs="chosen_success", steps=1,
+                                 warmup_steps=0, val_fraction=0.0))
+    assert summary["train_pairs"] == 3
+    with pytest.raises(DPOError, match="pairs='best' must be one of"):
+        make_cfg(policy_dir, prefs_dir, tmp_path / "other", pairs="best")
+    failed = write_prefs(tmp_path / "failed", policy_dir, lengths=((3, 2),))  # its one chosen rollout failed
+    with pytest.raises(DPOError, match="holds no pair whose chosen rollout succeeded; pass pairs=all"):
+        train_dpo(make_cfg(policy_dir, failed, tmp_path / "other", pairs="chosen_success"))
+    assert not (tmp_path / "other").exists()

@@ -11,7 +11,7 @@ from vla import policy as policy_module
 from vla.action_tokenizer import ActionTokenizer
 from vla.checkpoint import save_checkpoint
 from vla.model import ARCHITECTURES, VLA, VLAModelConfig, build_inputs, build_vla, model_inputs
-from vla.policy import RandomPolicy, VLAPolicy, action_confidence, fast_path_blocker, predict_action
+from vla.policy import RandomPolicy, VLAPolicy, action_confidence, fast_path_blocker, nucleus, predict_action
 from vla.text_tokenizer import action_token_offset, build_tokenizer
 
 CORPUS = ["pick up the red cube", "push the blue ball into the green bowl", "stack the yellow block on the cube"]
@@ -165,6 +165,22 @@ def test_low_temperature_sampling_is_greedy_and_greedy_ignores_the_seed(vla, act
     np.testing.assert_array_equal(VLAPolicy(vla, action_tokenizer, seed=7).act_batch(observations)[0], greedy)
 
 
+def test_nucleus_keeps_the_most_probable_bins_that_reach_top_p():
+    probs = torch.tensor([[0.05, 0.5, 0.15, 0.3], [0.1, 0.2, 0.3, 0.4]])
+    assert torch.equal(nucleus(probs, 0.75), torch.tensor([[0.0, 0.5, 0.0, 0.3], [0.0, 0.2, 0.3, 0.4]]))
+    assert torch.equal(nucleus(probs, 0.35), torch.tensor([[0.0, 0.5, 0.0, 0.0], [0.0, 0.0, 0.0, 0.4]]))
+    assert torch.equal(nucleus(probs, 1.0), probs)
+
+
+def test_top_p_narrows_sampling_and_keeps_the_full_log_probs(vla, action_tokenizer, observations):
+    greedy, greedy_info = VLAPolicy(vla, action_tokenizer).act_batch(observations)
+    narrow, info = VLAPolicy(vla, action_tokenizer, temperature=5.0, top_p=1e-6, seed=1).act_batch(observations)
+    np.testing.assert_array_equal(narrow, greedy)  # a nucleus of one bin: the argmax, at any temperature
+    np.testing.assert_allclose(info["log_probs"], greedy_info["log_probs"])  # scored under the full softmax
+    hot, _ = VLAPolicy(vla, action_tokenizer, temperature=5.0, top_p=1.0, seed=1).act_batch(observations)
+    assert not np.array_equal(hot, greedy)
+
+
 @pytest.mark.parametrize("fast", [True, False], ids=["lean", "hf_loop"])
 def test_batch_equals_single_acts(vla, action_tokenizer, observations, fast):
     """Instructions of different lengths: the batch is left-padded, which must change nothing."""
@@ -252,6 +268,9 @@ def test_from_pretrained_without_action_statistics(tmp_path, vla):
 def test_rejects_bad_arguments(vla, action_tokenizer):
     with pytest.raises(ValueError, match="temperature"):
         VLAPolicy(vla, action_tokenizer, temperature=-1.0)
+    for top_p in (0.0, 1.5):
+        with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\]"):
+            VLAPolicy(vla, action_tokenizer, temperature=1.0, top_p=top_p)
     vocab = vla.model.config.get_text_config().vocab_size
     beyond = ActionTokenizer(action_tokenizer.q01, action_tokenizer.q99, token_offset=vocab - 100)
     with pytest.raises(ValueError, match="exceed the model's vocabulary"):
