@@ -233,7 +233,8 @@ class Pipeline:
                 comparison = json.loads((report / "summary.json").read_text())["comparison"] or {}
                 notes += [f"- {suite}: {v}" for v in comparison.values()]
         videos = sorted(str(p) for p in self.dirs["eval"].glob("*/videos/*.gif"))
-        markdown = "\n".join([f"# Pipeline results ({self.cfg.task}, {self.cfg.distractors} distractors, {self.out})", "", *lines, "",
+        title = f"# Pipeline results ({self.cfg.task}, {self.cfg.distractors} distractors, {self.out})"
+        markdown = "\n".join([title, "", *lines, "",
                               *(["DPO vs SFT on identical episodes:", *notes, ""] if notes else []),
                               f"Videos: {len(videos)} GIFs under {self.dirs['eval']}/*/videos/", ""])
         return {"rows": rows, "videos": videos, "markdown": markdown}
