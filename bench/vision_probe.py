@@ -34,7 +34,7 @@ from torch import nn
 from transformers import ResNetConfig, ResNetModel, SiglipVisionConfig, SiglipVisionModel
 
 from vla.action_tokenizer import ActionTokenizer
-from vla.dataset import LeRobotDataset
+from store.lerobot import LeRobotDataset
 from vla.model import sincos_2d
 
 PROBES = ("cnn", "cnn_onehot", "vit", "resnet", "resnet_mean", "resnet_state", "resnet_text", "resnet_film")
@@ -103,14 +103,14 @@ def run(root: str, kind: str, steps: int, sigma: float = 4.0, seed: int = 0) -> 
     ds = LeRobotDataset(root)
     items = [ds[i] for i in range(len(ds))]
     images = np.stack([item["image"] for item in items])
-    actions = ds._columns["action"][:, :2].astype(np.float32)
-    episodes = ds._columns["episode_index"]  # LeRobotDataset has no public column accessor
+    actions = ds.columns["action"][:, :2].astype(np.float32)
+    episodes = ds.columns["episode_index"]
     paired = ds.info["tabletop_vla"]["config"].get("paired", False)  # hold out both demos of a scene
     val = episodes // (1 + paired) % 10 == 0
     q = np.quantile(actions[~val], [0.01, 0.99], axis=0)
     tok = ActionTokenizer(q[0], q[1], token_offset=0, n_bins=256, absolute_dims=())
     bins = torch.from_numpy(tok.encode(actions))
-    states = ds._columns["observation.state"]
+    states = ds.columns["observation.state"]
     s = torch.from_numpy(ActionTokenizer.fit(states[~val], 0, absolute_dims=()).normalize(states)[0]).float()
     x = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.5
     texts = [item["instruction"].lower().split() for item in items]

@@ -182,7 +182,7 @@ def main() -> None:
         extra = {"pipeline_dir": args.pipeline_dir} if name == "pipeline" else {}
         results[name] = SECTIONS[name](args.seconds, **extra)
         print(json.dumps(results[name], indent=2), flush=True)
-    from vla.run_state import write_json
+    from store.files import write_json
 
     write_json(out, results)
     print(f"wrote {out}")

@@ -44,9 +44,11 @@ from tasks.parallel import check_backend, worker_pool
 from tasks.rollout import rollout
 from tasks.suites import SUITES, resolve_tasks
 from vla.checkpoint import ACTION_STATS_FILE
-from vla.dataset import DatasetError, DatasetWriter, Episode, atomic_write, is_complete
+from store.lerobot import DatasetError, Episode, is_complete
+from store.writer import DatasetWriter
+from store.files import atomic_write
 from vla.dpo import PAIRS_FILE, ROLLOUTS_FILE
-from vla.run_state import write_json
+from store.files import write_json
 
 STAGING = ".starts"  # one JSON per finished start state, until the tables are written
 SAFETY_OPTIONS = SUITES["safety"]["axes"]["hazards"]

@@ -26,7 +26,7 @@ from tasks.parallel import check_backend
 from tasks.evaluation import evaluate_manifest, load_results
 from tasks.report import compare, compute_metrics, write_report
 from tasks.suites import build_manifest, resolve_tasks
-from vla.run_state import write_json
+from store.files import write_json
 
 
 @dataclass

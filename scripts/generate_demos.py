@@ -32,8 +32,9 @@ from sim.env import ACTION_NAMES, CONTROL_HZ, STATE_NAMES
 from tasks import TASKS, get_task, make_env
 from tasks.parallel import check_backend, worker_pool
 from tasks.rollout import rollout
-from vla.dataset import DatasetError, DatasetWriter, Episode, is_complete
-from vla.run_state import write_json
+from store.lerobot import DatasetError, Episode, is_complete
+from store.writer import DatasetWriter
+from store.files import write_json
 
 MAX_ATTEMPTS = 8
 TASK_STRIDE = 50_000  # training seeds per task block; preference collection starts at 500,000

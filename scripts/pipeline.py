@@ -32,9 +32,10 @@ from omegaconf import OmegaConf
 
 from tasks.judge import JudgeWeights
 from tasks.parallel import check_backend
-from vla.dataset import DatasetError, atomic_write
+from store.lerobot import DatasetError
+from store.files import atomic_write
 from vla.dpo import DPOConfig, DPOError, train_dpo
-from vla.run_state import write_json
+from store.files import write_json
 from vla.train import ModelConfig, SFTConfig, SFTError, TrainConfig, train
 
 STAGES = ("demos", "sft", "eval", "prefs", "dpo", "eval_dpo")

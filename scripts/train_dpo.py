@@ -9,7 +9,7 @@ import sys
 import hydra
 from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf
 
-from vla.dataset import DatasetError
+from store.lerobot import DatasetError
 from vla.dpo import DPOConfig, DPOError, register_configs, train_dpo
 
 

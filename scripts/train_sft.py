@@ -11,7 +11,7 @@ import sys
 import hydra
 from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf
 
-from vla.dataset import DatasetError
+from store.lerobot import DatasetError
 from vla.train import SFTConfig, SFTError, register_configs, train
 
 

@@ -4,7 +4,8 @@
 import argparse
 import sys
 
-from vla.dataset import LeRobotDataset, validate_dataset
+from store.lerobot import LeRobotDataset
+from store.validate import validate_dataset
 
 
 def main(argv: list[str] | None = None) -> int:

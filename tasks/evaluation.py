@@ -20,7 +20,7 @@ from tqdm import tqdm
 from tasks import make_env
 from tasks.parallel import worker_pool
 from tasks.rollout import rollout_batch
-from vla.dataset import atomic_write
+from store.files import atomic_write
 
 RESULTS_FILE = "episodes.jsonl"
 

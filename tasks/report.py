@@ -8,7 +8,7 @@ import numpy as np
 
 from sim.safety import COUNT_EVENTS
 from tasks import metrics as M
-from vla.run_state import write_json
+from store.files import write_json
 
 
 def _group(rows: list[dict], key: str) -> dict[str, list[dict]]:

@@ -10,6 +10,7 @@ import json
 import os
 from pathlib import Path
 
+from store.files import write_text
 from vla.action_tokenizer import ActionTokenizer
 from vla.model import VLA, load_model
 
@@ -20,9 +21,7 @@ def save_checkpoint(vla: VLA, action_tokenizers: dict[str, ActionTokenizer], pat
     """Write the model, its processors and the action statistics into `path` (created if missing)."""
     path = Path(path)
     vla.save_pretrained(path)
-    tmp = path / f".{ACTION_STATS_FILE}.tmp"
-    tmp.write_text(json.dumps({k: t.to_dict() for k, t in action_tokenizers.items()}, indent=1))
-    os.replace(tmp, path / ACTION_STATS_FILE)
+    write_text(path / ACTION_STATS_FILE, json.dumps({k: t.to_dict() for k, t in action_tokenizers.items()}, indent=1))
 
 
 def load_action_tokenizers(path: str | os.PathLike) -> dict[str, ActionTokenizer]:

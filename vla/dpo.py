@@ -45,19 +45,20 @@ from tqdm import tqdm
 
 from vla.action_tokenizer import ActionTokenizer
 from vla.checkpoint import ACTION_STATS_FILE, load_action_tokenizers, pick_action_tokenizer, save_checkpoint
-from vla.dataset import LeRobotDataset, atomic_write
+from store.lerobot import LeRobotDataset
+from store.files import atomic_write
 from vla.model import IGNORE_INDEX, VLA, build_inputs, load_model, model_inputs
 from vla.run_state import (
-    write_json,
     STATE_FILE,
     STATE_TENSORS,
     check_output_dir,
+    no_hf_progress_bars,
     prune_checkpoints,
     restore_trainer_state,
     trainer_state,
     weights_digest,
-    write_atomically,
 )
+from store.files import write_atomically, write_json
 from vla.train import EpochBatchSampler, MetricsLogger, make_optimizer, split_episodes
 
 PAIR_FILTERS = ("all", "chosen_success")  # which pairs of a preference set DPO trains and validates on
@@ -481,7 +482,8 @@ def train_dpo(cfg: DPOConfig) -> dict:
             save_file(tensors, tmp / STATE_TENSORS)
             (tmp / STATE_FILE).write_text(json.dumps(state))
 
-        write_atomically(out / "checkpoints" / f"step-{step}", write)
+        with no_hf_progress_bars():
+            write_atomically(out / "checkpoints" / f"step-{step}", write)
         prune_checkpoints(out / "checkpoints", cfg.keep_last)
 
     batches, window, window_t, train_metrics, val_metrics = iter(sampler), [], time.perf_counter(), None, None
@@ -517,7 +519,8 @@ def train_dpo(cfg: DPOConfig) -> dict:
             save(step)
             window_t = time.perf_counter()
 
-    write_atomically(out / "final", lambda tmp: save_checkpoint(vla, action_tokenizers, tmp))
+    with no_hf_progress_bars():
+        write_atomically(out / "final", lambda tmp: save_checkpoint(vla, action_tokenizers, tmp))
     summary = {
         "steps": cfg.steps, "resumed_from_step": start_step if resume_from else None, "level": cfg.level,
         "loss_type": cfg.loss_type, "beta": cfg.beta, "alpha": cfg.alpha, "train": train_metrics, "val": val_metrics,

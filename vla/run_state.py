@@ -1,12 +1,10 @@
-"""A run directory's state: trainer state for exact resume (safetensors + JSON, no pickles), atomic checkpoint
-directories, the latest complete checkpoint, and the check that a new run never overwrites an old one.
-Shared by SFT (vla/train.py) and DPO (vla/dpo.py)."""
+"""A run directory's state: trainer state for exact resume (safetensors + JSON, no pickles), the latest complete
+checkpoint, and the check that a new run never overwrites an old one. Shared by SFT (vla/train.py) and DPO (vla/dpo.py)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import re
 import shutil
@@ -17,8 +15,6 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 from transformers.utils import logging as hf_logging
-
-from vla.dataset import atomic_write
 
 STATE_FILE = "trainer_state.json"
 STATE_TENSORS = "trainer_state.safetensors"
@@ -98,28 +94,6 @@ def no_hf_progress_bars():
     finally:
         if enabled:
             hf_logging.enable_progress_bar()
-
-
-def write_atomically(target: Path, write) -> None:
-    """Call ``write(tmp)`` on ``.tmp-<name>`` beside ``target``, fsync its files, then move it onto ``target``."""
-    tmp = target.with_name(f".tmp-{target.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    with no_hf_progress_bars():
-        write(tmp)
-    for file in tmp.iterdir():
-        with open(file, "rb+") as f:
-            os.fsync(f.fileno())
-    if target.exists():  # a stale directory of our own run: os.replace cannot replace a non-empty one
-        stale = target.with_name(f".tmp-stale-{target.name}")
-        shutil.rmtree(stale, ignore_errors=True)
-        os.replace(target, stale)
-        shutil.rmtree(stale)
-    os.replace(tmp, target)
-
-
-def write_json(path: Path, obj) -> None:
-    """``obj`` as indented JSON at ``path``, atomically: a reader sees the old file or the new one, never half."""
-    atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2)))
 
 
 def prune_checkpoints(checkpoints: Path, keep: int) -> None:

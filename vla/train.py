@@ -42,10 +42,10 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from vla.action_tokenizer import GRIPPER_DIM, ActionTokenizer
 from vla.checkpoint import save_checkpoint
-from vla.dataset import DatasetError, DatasetWriter, Episode, LeRobotDataset
+from store.lerobot import DatasetError, Episode, LeRobotDataset
+from store.writer import DatasetWriter
 from vla.model import PROMPT_TEMPLATE, VLA, VLAModelConfig, build_inputs, build_vla, load_model, model_inputs
 from vla.run_state import (
-    write_json,
     STATE_FILE,
     STATE_TENSORS,
     check_output_dir,
@@ -54,8 +54,8 @@ from vla.run_state import (
     restore_trainer_state,
     trainer_state,
     weights_digest,
-    write_atomically,
 )
+from store.files import write_atomically, write_json
 from vla.text_tokenizer import action_token, action_token_offset, build_tokenizer
 
 _SHUFFLE, _AUGMENT, _SPLIT = 0, 1, 2  # independent random streams
@@ -164,7 +164,7 @@ def open_dataset(path: str, features: tuple[str, ...] = ("action",)) -> LeRobotD
         missing = [k for k in ("q01", "q99") if k not in ds.stats.get(feature, {})]
         if missing:
             raise DatasetError(f"{root / 'meta/stats.json'} has no {feature} {'/'.join(missing)}; "
-                               "regenerate the dataset (vla.dataset.DatasetWriter writes them)")
+                               "regenerate the dataset (store.writer.DatasetWriter writes them)")
     return ds
 
 
@@ -180,7 +180,7 @@ class FrameDataset(Dataset):
 
     def __init__(self, ds: LeRobotDataset, action_tokenizer: ActionTokenizer):
         self.ds = ds
-        self.actions = ds._columns["action"].astype(np.float32)  # (N, D); LeRobotDataset has no public accessor
+        self.actions = ds.columns["action"].astype(np.float32)  # (N, D)
         self.action_ids = action_tokenizer.encode(self.actions)  # (N, D)
 
     def __len__(self) -> int:
@@ -575,7 +575,8 @@ def _train(cfg: SFTConfig, env: _Dist) -> dict:
                 save_file(tensors, tmp / STATE_TENSORS)
                 (tmp / STATE_FILE).write_text(json.dumps(state))
 
-            write_atomically(out / "checkpoints" / f"step-{step}", write)
+            with no_hf_progress_bars():
+                write_atomically(out / "checkpoints" / f"step-{step}", write)
             prune_checkpoints(out / "checkpoints", tc.keep_last)
         if env.world > 1:
             dist.barrier()
@@ -638,7 +639,8 @@ def _train(cfg: SFTConfig, env: _Dist) -> dict:
         "weights_digests": _gather_digests(model, env),
     }
     if env.rank == 0:
-        write_atomically(out / "final", lambda tmp: save_checkpoint(vla, {dataset_name: action_tok}, tmp))
+        with no_hf_progress_bars():
+            write_atomically(out / "final", lambda tmp: save_checkpoint(vla, {dataset_name: action_tok}, tmp))
         write_json(out / "summary.json", summary)
         tqdm.write(f"wrote {out / 'final'} and {out / 'summary.json'}")
     log.close()

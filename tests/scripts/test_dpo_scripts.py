@@ -28,7 +28,8 @@ from tasks.judge import JudgeWeights
 from tasks.suites import SUITES
 from vla.action_tokenizer import ActionTokenizer
 from vla.checkpoint import save_checkpoint
-from vla.dataset import LeRobotDataset, validate_dataset
+from store.lerobot import LeRobotDataset
+from store.validate import validate_dataset
 from vla.dpo import PAIRS_FILE, ROLLOUTS_FILE, DPOConfig
 from vla.dpo import register_configs as register_dpo
 from vla.model import PROMPT_TEMPLATE, VLAModelConfig, build_vla

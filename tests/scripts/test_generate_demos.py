@@ -17,7 +17,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import generate_demos  # noqa: E402
 from generate_demos import DemoConfig, generate  # noqa: E402
-from vla.dataset import DatasetError, LeRobotDataset, validate_dataset  # noqa: E402
+from store.lerobot import DatasetError, LeRobotDataset
+from store.validate import validate_dataset
 
 SCRIPT = str(ROOT / "scripts" / "generate_demos.py")
 

@@ -16,7 +16,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
 from vla.checkpoint import load_checkpoint
-from vla.dataset import DatasetWriter, Episode
+from store.writer import DatasetWriter
+from store.lerobot import Episode
 from vla.model import VLAModelConfig
 from vla.run_state import weights_digest
 from vla.train import (

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 
 from vla.action_tokenizer import ActionTokenizer
 from vla.checkpoint import save_checkpoint
-from vla.dataset import DatasetWriter, Episode
+from store.writer import DatasetWriter
+from store.lerobot import Episode
 from vla.dpo import (
     PAIRS_FILE,
     ROLLOUTS_FILE,

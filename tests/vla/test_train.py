@@ -11,7 +11,8 @@ import torch
 
 from vla.action_tokenizer import ActionTokenizer
 from vla.checkpoint import load_checkpoint
-from vla.dataset import DatasetError, DatasetWriter, Episode
+from store.lerobot import DatasetError, Episode
+from store.writer import DatasetWriter
 from vla.model import ARCHITECTURES, PROMPT_TEMPLATE, build_inputs, build_vla, load_model, model_inputs
 from vla.run_state import latest_checkpoint, weights_digest
 from vla.text_tokenizer import action_token_offset, build_tokenizer

@@ -1,4 +1,4 @@
-"""Tests for vla/dataset.py on tiny synthetic episodes."""
+"""Tests for store/lerobot.py, store/writer.py and store/validate.py on tiny synthetic episodes."""
 
 import json
 import os
@@ -11,16 +11,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from vla.dataset import (
-    IMAGE_KEY,
-    DatasetError,
-    DatasetWriter,
-    Episode,
-    LeRobotDataset,
-    compute_stats,
-    is_complete,
-    validate_dataset,
-)
+from store.lerobot import IMAGE_KEY, DatasetError, Episode, LeRobotDataset, compute_stats, is_complete
+from store.writer import DatasetWriter
+from store.validate import validate_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 H, W, S, A, FPS = 6, 8, 4, 3, 10

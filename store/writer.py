@@ -1,81 +1,42 @@
-"""Crash-safe writer, reader and validator for a LeRobot v3.0 layout dataset (without the `lerobot` package).
+"""Crash-safe, resumable writing of the LeRobot v3.0 layout (see store.lerobot).
 
-On disk, under `root/`:
-    meta/info.json                              totals, fps, features, path templates; written LAST, so its
-                                                presence marks a complete dataset
-    meta/stats.json                             min/max/mean/std/count/q01/q99 per feature
-    meta/tasks.parquet                          task_index, task (the language instruction)
-    meta/episodes/chunk-000/file-000.parquet    one row per episode (frame range, seed, success, safety/*)
-    data/chunk-CCC/file-FFF.parquet             one row per frame; images are PNG bytes in a `datasets.Image` struct
-    .staging/                                   only while writing: config.json + one parquet per finished episode
-
-Every file is written to a temp file in its own directory and moved into place with `os.replace`, so a reader
-never sees a half-written file, and an interrupted generation resumes from the episodes already staged.
+Episodes are staged one parquet file each, in any order; ``finalize`` packs them into data/ and meta/ and writes
+meta/info.json last. Every file is written to a temp file in its own directory and moved into place with
+`os.replace`, so a reader never sees a half-written file, and an interrupted generation resumes from the episodes
+already staged.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
 
-CODEBASE_VERSION = "v3.0"
-CHUNKS_SIZE = 1000  # files per chunk directory
-VIDEO_FILES_SIZE_IN_MB = 500
-DATA_PATH = "data/chunk-{chunk_index:03d}/file-{file_index:03d}.parquet"
-EPISODES_PATH = "meta/episodes/chunk-000/file-000.parquet"
-IMAGE_KEY = "observation.images.front"
-_FEATURE_KEYS = (IMAGE_KEY, "observation.state", "action", "timestamp", "frame_index", "episode_index", "index",
-                 "task_index", "next.done")
-STAT_KEYS = ("min", "max", "mean", "std", "count", "q01", "q99")
+from store.files import write_parquet, write_text
+from store.lerobot import (
+    CHUNKS_SIZE,
+    CODEBASE_VERSION,
+    DATA_PATH,
+    EPISODES_PATH,
+    IMAGE_KEY,
+    VIDEO_FILES_SIZE_IN_MB,
+    DatasetError,
+    Episode,
+    compute_stats,
+    is_complete,
+    read_json,
+    read_parquet,
+    to_numpy,
+)
+
 _IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 _EPISODE_META = b"tabletop_vla_episode"
-_FIX = "regenerate the dataset or run scripts/validate_dataset.py"
-
-
-class DatasetError(ValueError):
-    """A dataset on disk (or an episode handed to the writer) is wrong; the message names the problem and the fix."""
-
-
-@dataclass
-class Episode:
-    """One recorded demonstration; T frames, state size S, action size A."""
-
-    task: str  # task name, e.g. "pick"
-    instruction: str  # language instruction, e.g. "pick up the red cube"
-    seed: int
-    success: bool
-    images: np.ndarray  # (T, H, W, 3) uint8, front camera
-    states: np.ndarray  # (T, S) float32 proprio state
-    actions: np.ndarray  # (T, A) float32 action taken at each frame
-    safety: dict[str, float] = field(default_factory=dict)  # episode totals of safety events
-
-
-def is_complete(root: str | Path) -> bool:
-    """True when `root` holds a finalized dataset (meta/info.json is written last)."""
-    return (Path(root) / "meta/info.json").is_file()
-
-
-def compute_stats(array: np.ndarray) -> dict[str, list]:
-    """Per-dimension min, max, mean, std, q01, q99 of `array` (N, D) or (N,), as lists of D floats; count is [N]."""
-    a = np.asarray(array, dtype=np.float64)
-    a = a[:, None] if a.ndim == 1 else a
-    if a.ndim != 2 or len(a) == 0:
-        raise DatasetError(f"compute_stats needs a non-empty (N, D) array, got shape {a.shape}; stack frames first")
-    return {
-        "min": a.min(0).tolist(), "max": a.max(0).tolist(), "mean": a.mean(0).tolist(), "std": a.std(0).tolist(),
-        "count": [len(a)], "q01": np.quantile(a, 0.01, axis=0).tolist(), "q99": np.quantile(a, 0.99, axis=0).tolist(),
-    }
 
 
 def _image_stats(hist: np.ndarray, frames: int) -> dict[str, list]:
@@ -95,51 +56,9 @@ def _image_stats(hist: np.ndarray, frames: int) -> dict[str, list]:
     return {**{k: v.reshape(3, 1, 1).tolist() for k, v in out.items()}, "count": [frames]}
 
 
-def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
-    """Call `write(tmp)` on a temp file beside `path`, fsync it, then move it onto `path` with os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _write_json(path: Path, obj: Any) -> None:
-    atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=4, ensure_ascii=False) + "\n"))
-
-
-def _write_parquet(path: Path, table: pa.Table) -> None:
-    atomic_write(path, lambda p: pq.write_table(table, p))
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DatasetError(f"{path} is missing; {_FIX}") from None
-    except (OSError, ValueError) as e:
-        raise DatasetError(f"{path} is corrupt ({e}); {_FIX}") from None
-
-
-def _read_parquet(path: Path, columns: list[str] | None = None) -> pa.Table:
-    if not path.is_file():
-        raise DatasetError(f"{path} is missing; {_FIX}")
-    try:
-        return pq.read_table(path, columns=columns)
-    except (OSError, pa.ArrowException) as e:
-        raise DatasetError(f"{path} is corrupt or truncated ({str(e).splitlines()[0]}); {_FIX}") from None
-
-
-def _to_numpy(column: pa.ChunkedArray) -> np.ndarray:
-    """A fixed-size-list column of N rows as an (N, D) array; a scalar column as (N,)."""
-    arr = column.combine_chunks()
-    if pa.types.is_fixed_size_list(arr.type):
-        return np.asarray(arr.flatten()).reshape(len(arr), arr.type.list_size)
-    return np.asarray(arr)
+    """LeRobot's meta JSON: indented by 4, non-ASCII characters kept, a trailing newline."""
+    write_text(path, json.dumps(obj, indent=4, ensure_ascii=False) + "\n")
 
 
 def _features(image_shape: list[int], state_names: list[str], action_names: list[str]) -> dict[str, dict]:
@@ -239,14 +158,14 @@ class DatasetWriter:
 
     def _stored_spec(self) -> dict | None:
         if is_complete(self.root):
-            info = _read_json(self.root / "meta/info.json")
+            info = read_json(self.root / "meta/info.json")
             feats = info.get("features", {})  # .get: a foreign dataset must fail as "different", not KeyError
             return {"config": info.get("tabletop_vla", {}).get("config", {}), "fps": info.get("fps"),
                     "robot_type": info.get("robot_type"),
                     "state_names": feats.get("observation.state", {}).get("names"),
                     "action_names": feats.get("action", {}).get("names")}
         if (self._staging / "config.json").is_file():
-            return _read_json(self._staging / "config.json")
+            return read_json(self._staging / "config.json")
         return None
 
     def _staged_path(self, index: int) -> Path:
@@ -255,7 +174,7 @@ class DatasetWriter:
     def done_indices(self) -> set[int]:
         """Episode indices already safely written (staged, or packed into a finalized dataset)."""
         if is_complete(self.root):
-            return set(range(_read_json(self.root / "meta/info.json")["total_episodes"]))
+            return set(range(read_json(self.root / "meta/info.json")["total_episodes"]))
         return {int(p.stem.split("-")[1]) for p in self._staging.glob("episode-*.parquet")}
 
     def write_episode(self, index: int, episode: Episode) -> None:
@@ -265,13 +184,13 @@ class DatasetWriter:
         if index < 0:
             raise DatasetError(f"episode index must be >= 0, got {index}; number episodes 0..N-1")
         table = _episode_table(episode, self.spec["fps"], len(self.spec["state_names"]), len(self.spec["action_names"]))
-        _write_parquet(self._staged_path(index), table)
+        write_parquet(self._staged_path(index), table)
 
     def finalize(self) -> dict:
         """Pack staged episodes 0..N-1 into data/ and meta/, write meta/info.json last, drop staging; return info."""
         if is_complete(self.root):  # already done; a crash may have left the staging dir behind
             shutil.rmtree(self._staging, ignore_errors=True)
-            return _read_json(self.root / "meta/info.json")
+            return read_json(self.root / "meta/info.json")
         staged = sorted(self.done_indices())
         missing = sorted(set(range(staged[-1] + 1)) - set(staged)) if staged else [0]
         if missing:
@@ -286,10 +205,10 @@ class DatasetWriter:
         pending, pending_bytes, chunk, file, start = [], 0, 0, 0, 0
 
         def flush() -> None:
-            _write_parquet(self.root / DATA_PATH.format(chunk_index=chunk, file_index=file), pa.concat_tables(pending))
+            write_parquet(self.root / DATA_PATH.format(chunk_index=chunk, file_index=file), pa.concat_tables(pending))
 
         for index in staged:
-            table = _read_parquet(self._staged_path(index))
+            table = read_parquet(self._staged_path(index))
             meta = json.loads(table.schema.metadata[_EPISODE_META])
             if features is None:
                 features = _features(meta["image_shape"], spec["state_names"], spec["action_names"])
@@ -307,8 +226,8 @@ class DatasetWriter:
                            task_index=np.full(T, task_index, np.int64))
             pending.append(pa.table({k: columns[k] for k in schema.names}, schema=schema))
             pending_bytes += pending[-1].nbytes
-            states.append(_to_numpy(table["observation.state"]))
-            actions.append(_to_numpy(table["action"]))
+            states.append(to_numpy(table["observation.state"]))
+            actions.append(to_numpy(table["action"]))
             hist += np.asarray(meta["image_hist"], np.int64)
             episodes.append({
                 "episode_index": index, "tasks": [meta["instruction"]], "length": T,
@@ -324,8 +243,8 @@ class DatasetWriter:
         safety_keys = sorted({k for ep in episodes for k in ep["safety"]})
         rows = [{**{k: v for k, v in ep.items() if k != "safety"},
                  **{f"safety/{k}": ep["safety"].get(k) for k in safety_keys}} for ep in episodes]
-        _write_parquet(self.root / EPISODES_PATH, pa.Table.from_pylist(rows))
-        _write_parquet(self.root / "meta/tasks.parquet", _tasks_table(list(tasks)))
+        write_parquet(self.root / EPISODES_PATH, pa.Table.from_pylist(rows))
+        write_parquet(self.root / "meta/tasks.parquet", _tasks_table(list(tasks)))
         _write_json(self.root / "meta/stats.json", {
             "observation.state": compute_stats(np.concatenate(states)),
             "action": compute_stats(np.concatenate(actions)),
@@ -352,125 +271,3 @@ def _tasks_table(instructions: list[str]) -> pa.Table:
     ]}
     table = pa.table({"task_index": pa.array(range(len(instructions)), pa.int64()), "task": instructions})
     return table.replace_schema_metadata({"pandas": json.dumps(pandas_meta)})
-
-
-class LeRobotDataset:
-    """Frame-indexed reader of a finalized dataset; states/actions are held in memory, images decoded on access."""
-
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise DatasetError(f"{self.root} is not a directory; check the path or generate the dataset first")
-        if not is_complete(self.root):
-            raise DatasetError(f"{self.root / 'meta/info.json'} is missing, so the dataset is incomplete; "
-                               "rerun generation with the same config to resume, or run scripts/validate_dataset.py")
-        self.info: dict = _read_json(self.root / "meta/info.json")
-        self.stats: dict = _read_json(self.root / "meta/stats.json")
-        lacking = [k for k in ("data_path", "features", "fps") if k not in self.info]
-        if lacking:
-            raise DatasetError(f"{self.root / 'meta/info.json'} lacks keys {lacking}; {_FIX}")
-        tasks = sorted(_read_parquet(self.root / "meta/tasks.parquet", ["task_index", "task"]).to_pylist(),
-                       key=lambda r: r["task_index"])
-        self._instructions = [r["task"] for r in tasks]
-        self.episodes: list[dict] = _read_parquet(self.root / EPISODES_PATH).to_pylist()
-        files = sorted({(e["data/chunk_index"], e["data/file_index"]) for e in self.episodes})
-        self._files = [self.root / self.info["data_path"].format(chunk_index=c, file_index=f) for c, f in files]
-        names = ["observation.state", "action", "episode_index", "frame_index", "index", "task_index"]
-        tables = [_read_parquet(p, names) for p in self._files]
-        self._file_starts = np.cumsum([0] + [t.num_rows for t in tables])  # (files + 1,)
-        self._columns = {k: _to_numpy(pa.chunked_array([c for t in tables for c in t[k].chunks],
-                                                       type=tables[0].schema.field(k).type)) for k in names}
-        self._images: dict[int, pa.BinaryArray] = {}
-
-    def __len__(self) -> int:
-        return int(self._file_starts[-1])
-
-    def _png(self, i: int) -> bytes:
-        f = int(np.searchsorted(self._file_starts, i, side="right")) - 1
-        if f not in self._images:
-            self._images[f] = _read_parquet(self._files[f], [IMAGE_KEY])[IMAGE_KEY].combine_chunks().field("bytes")
-        return self._images[f][i - int(self._file_starts[f])].as_py()
-
-    def __getitem__(self, i: int) -> dict:
-        """Frame i: image (H, W, 3) uint8, state (S,) float32, action (A,) float32, instruction, indices."""
-        if not -len(self) <= i < len(self):
-            raise IndexError(f"frame {i} out of range for {len(self)} frames")
-        i %= len(self)
-        cols = self._columns
-        return {
-            "image": np.asarray(Image.open(io.BytesIO(self._png(i))).convert("RGB")),
-            "state": cols["observation.state"][i].copy(), "action": cols["action"][i].copy(),
-            "instruction": self._instructions[cols["task_index"][i]],
-            "episode_index": int(cols["episode_index"][i]), "frame_index": int(cols["frame_index"][i]),
-        }
-
-    def episode_frames(self, ep: int) -> range:
-        """Global frame indices of episode `ep`."""
-        row = self.episodes[ep]
-        return range(row["dataset_from_index"], row["dataset_to_index"])
-
-    @property
-    def instructions(self) -> list[str]:
-        """Unique instructions, ordered by task_index."""
-        return list(self._instructions)
-
-
-def validate_dataset(root: str | Path, image_samples: int = 8) -> list[str]:
-    """Problems found in the dataset at `root` ([] = valid): meta fields, totals, indices, stats, values, images."""
-    try:
-        ds = LeRobotDataset(root)
-    except DatasetError as e:
-        return [str(e)]
-    info, eps, cols, problems = ds.info, ds.episodes, ds._columns, []
-    if info.get("codebase_version") != CODEBASE_VERSION:
-        problems.append(f"info.json codebase_version is {info.get('codebase_version')!r}, "
-                        f"expected {CODEBASE_VERSION!r}")
-    required = ["robot_type", "total_episodes", "total_frames", "total_tasks", "chunks_size", "splits"]
-    problems += [f"info.json lacks {k!r}" for k in required if k not in info]
-    problems += [f"info.json features lack {k!r}" for k in _FEATURE_KEYS if k not in info["features"]]
-    for key, actual in (("total_episodes", len(eps)), ("total_frames", len(ds)), ("total_tasks", len(ds.instructions))):
-        if info.get(key) != actual:
-            problems.append(f"info.json {key} is {info.get(key)} but the files hold {actual}")
-    if info.get("splits", {}).get("train") != f"0:{len(eps)}":
-        problems.append(f"info.json splits.train is {info.get('splits', {}).get('train')!r}, expected '0:{len(eps)}'")
-    if [e["episode_index"] for e in eps] != list(range(len(eps))):
-        problems.append("episode_index in meta/episodes is not 0..N-1 in order")
-    bounds = [0] + [e["dataset_to_index"] for e in eps]
-    if [e["dataset_from_index"] for e in eps] != bounds[:-1] or any(e["length"] != b - a for e, a, b in
-                                                                      zip(eps, bounds, bounds[1:])):
-        problems.append("episode frame ranges (dataset_from_index/to_index/length) are not contiguous")
-    elif bounds[-1] != len(ds):
-        problems.append(f"episodes cover {bounds[-1]} frames but data files hold {len(ds)}")
-    else:
-        lengths = [e["length"] for e in eps]
-        if not np.array_equal(cols["episode_index"], np.repeat(np.arange(len(eps)), lengths)):
-            problems.append("data episode_index column does not match the episode frame ranges")
-        if not np.array_equal(cols["frame_index"], np.concatenate([np.arange(n) for n in lengths])):
-            problems.append("data frame_index column does not count 0..length-1 within each episode")
-    if not np.array_equal(cols["index"], np.arange(len(ds))):
-        problems.append("data index column is not 0..total_frames-1")
-    if len(ds) and not 0 <= cols["task_index"].min() <= cols["task_index"].max() < len(ds.instructions):
-        problems.append("data task_index refers to a task missing from meta/tasks.parquet")
-    for key in ("observation.state", "action"):
-        dim = info["features"].get(key, {}).get("shape", [None])[0]
-        if cols[key].shape[1] != dim:
-            problems.append(f"{key} has {cols[key].shape[1]} values per frame but info.json declares {dim}")
-        if not np.isfinite(cols[key]).all():
-            problems.append(f"{key} contains NaN or inf")
-        stats = ds.stats.get(key, {})
-        for stat in STAT_KEYS:
-            want = 1 if stat == "count" else dim
-            if stat not in stats:
-                problems.append(f"stats.json lacks {key}/{stat}")
-            elif np.shape(stats[stat]) != (want,):
-                problems.append(f"stats.json {key}/{stat} has shape {np.shape(stats[stat])}, expected ({want},)")
-    shape = tuple(info["features"].get(IMAGE_KEY, {}).get("shape", ()))
-    for i in sorted({int(i) for i in np.linspace(0, len(ds) - 1, min(image_samples, len(ds)))}):
-        try:
-            got = ds[i]["image"].shape
-        except (OSError, ValueError) as e:  # PIL decode errors, DatasetError from a corrupt image column
-            problems.append(f"image of frame {i} does not decode ({e})")
-            continue
-        if got != shape:
-            problems.append(f"image of frame {i} has shape {got}, info.json declares {shape}")
-    return problems
