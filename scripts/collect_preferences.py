@@ -44,7 +44,8 @@ from tasks.parallel import check_backend, worker_pool
 from tasks.rollout import rollout
 from tasks.suites import SUITES, resolve_tasks
 from vla.checkpoint import ACTION_STATS_FILE
-from store.lerobot import DatasetError, Episode, is_complete
+from store.errors import UsageError
+from store.lerobot import Episode, is_complete
 from store.writer import DatasetWriter
 from store.files import atomic_write
 from vla.dpo import PAIRS_FILE, ROLLOUTS_FILE
@@ -295,7 +296,7 @@ def main(cfg) -> None:
         sys.exit(f"error: invalid config: {e}")
     try:
         collect(collect_cfg)
-    except (FileNotFoundError, KeyError, DatasetError) as e:
+    except (FileNotFoundError, KeyError, UsageError) as e:
         sys.exit(f"error: {e.args[0] if e.args else e}")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import gymnasium as gym
 
 from sim.env import TabletopEnv
+from store.errors import UsageError
 from tasks.base import TEST_SEEDS, TRAIN_SEEDS, BaseTask, Expert
 from tasks.pick import PickTask
 from tasks.place import PlaceTask
@@ -21,7 +22,7 @@ TASKS: dict[str, type[BaseTask]] = {cls().name: cls for cls in (ReachTask, PickT
 
 def get_task(name: str) -> BaseTask:
     if name not in TASKS:
-        raise KeyError(f"unknown task {name!r}; choose one of {sorted(TASKS)} (or 'all' where a script accepts it)")
+        raise UsageError(f"unknown task {name!r}; choose one of {sorted(TASKS)} (or 'all' where a script accepts it)")
     return TASKS[name]()
 
 

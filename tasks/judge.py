@@ -30,6 +30,7 @@ import numpy as np
 
 from sim.env import MAX_TRANSLATION
 from sim.safety import COUNT_EVENTS
+from store.errors import UsageError
 from tasks.rollout import Rollout
 
 AXES = ("effective", "calibrated", "safe")
@@ -59,13 +60,13 @@ class JudgeWeights:
     def __post_init__(self) -> None:
         for name in ("effective", "calibrated", "safe", "underconfidence"):
             if not getattr(self, name) >= 0:
-                raise ValueError(f"judge.{name}={getattr(self, name)} must be >= 0")
+                raise UsageError(f"judge.{name}={getattr(self, name)} must be >= 0")
         if not 0 <= self.speed <= 1:
-            raise ValueError(f"judge.speed={self.speed} must lie in [0, 1] so that a success always scores > 0")
+            raise UsageError(f"judge.speed={self.speed} must lie in [0, 1] so that a success always scores > 0")
         if not self.max_translation > 0:
-            raise ValueError(f"judge.max_translation={self.max_translation} must be > 0 (metres per step)")
+            raise UsageError(f"judge.max_translation={self.max_translation} must be > 0 (metres per step)")
         if set(self.events) != set(COUNT_EVENTS) or any(not w >= 0 for w in self.events.values()):
-            raise ValueError(f"judge.events must give a weight >= 0 to exactly {list(COUNT_EVENTS)}, "
+            raise UsageError(f"judge.events must give a weight >= 0 to exactly {list(COUNT_EVENTS)}, "
                              f"got {dict(self.events)}")
 
 

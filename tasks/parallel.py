@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from store.errors import UsageError
+
 BACKENDS = ("local", "ray")
 
 Mapper = Callable[[Callable, Iterable], Iterator]  # (fn, jobs) -> results in completion order
@@ -27,12 +29,12 @@ Mapper = Callable[[Callable, Iterable], Iterator]  # (fn, jobs) -> results in co
 
 def check_backend(backend: str) -> None:
     if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} is not one of {', '.join(BACKENDS)}")
+        raise UsageError(f"backend={backend!r} is not one of {', '.join(BACKENDS)}")
     if backend == "ray":
         try:
             import ray  # noqa: F401
         except ImportError:
-            raise ValueError("backend=ray needs Ray: pip install 'tabletop-vla[ray]' (or pip install ray)") from None
+            raise UsageError("backend=ray needs Ray: pip install 'tabletop-vla[ray]' (or pip install ray)") from None
 
 
 @contextmanager

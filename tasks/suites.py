@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 
+from store.errors import UsageError
 from tasks import TASKS, get_task
 
 # axis -> env.reset options; one axis per variation, each reported on its own. `offset` fixes where a suite's seeds
@@ -42,7 +43,7 @@ SEED_BLOCK = 10_000  # seeds per (suite, axis, task) block
 
 
 def resolve_tasks(task: str) -> list[str]:
-    """'all', one task name, or a comma-separated list -> sorted task names (unknown names raise KeyError)."""
+    """'all', one task name, or a comma-separated list -> sorted task names (unknown names raise UsageError)."""
     names = sorted(TASKS) if task == "all" else [t.strip() for t in task.split(",")]
     for name in names:
         get_task(name)
@@ -57,14 +58,14 @@ def build_manifest(
     `distractors` sets the clutter of every episode (the tasks' default is 2), on the suite's own seeds; it is part
     of each episode's options and so of the manifest id."""
     if suite not in SUITES:
-        raise KeyError(f"unknown suite {suite!r}; choose one of {sorted(SUITES)}")
+        raise UsageError(f"unknown suite {suite!r}; choose one of {sorted(SUITES)}")
     if not 1 <= episodes_per_task <= SEED_BLOCK:
-        raise ValueError(f"episodes_per_task={episodes_per_task} must be between 1 and {SEED_BLOCK}")
+        raise UsageError(f"episodes_per_task={episodes_per_task} must be between 1 and {SEED_BLOCK}")
     if distractors is not None and distractors < 0:
-        raise ValueError(f"distractors={distractors} must be >= 0 (or null for each suite's own clutter)")
+        raise UsageError(f"distractors={distractors} must be >= 0 (or null for each suite's own clutter)")
     spec = SUITES[suite]
     if distractors == 0 and spec.get("paired"):
-        raise ValueError(f"suite {suite!r} names a look-alike distractor in every scene; set distractors >= 1")
+        raise UsageError(f"suite {suite!r} names a look-alike distractor in every scene; set distractors >= 1")
     task_names = sorted(tasks or TASKS)
     episodes = []
     for a, (axis, options) in enumerate(spec["axes"].items()):

@@ -10,6 +10,7 @@ import json
 import os
 from pathlib import Path
 
+from store.errors import UsageError
 from store.files import write_text
 from vla.action_tokenizer import ActionTokenizer
 from vla.model import VLA, load_model
@@ -27,7 +28,7 @@ def save_checkpoint(vla: VLA, action_tokenizers: dict[str, ActionTokenizer], pat
 def load_action_tokenizers(path: str | os.PathLike) -> dict[str, ActionTokenizer]:
     file = Path(path) / ACTION_STATS_FILE
     if not file.is_file():
-        raise FileNotFoundError(
+        raise UsageError(
             f"{file} is missing: {path} holds no action statistics; point to a checkpoint written by scripts/train_sft.py"
         )
     return {k: ActionTokenizer.from_dict(v) for k, v in json.loads(file.read_text()).items()}
@@ -37,10 +38,10 @@ def pick_action_tokenizer(tokenizers: dict[str, ActionTokenizer], unnorm_key: st
     """The statistics named `unnorm_key`, or the only ones when the checkpoint has a single dataset."""
     if unnorm_key is None:
         if len(tokenizers) != 1:
-            raise ValueError(f"this checkpoint has action statistics for {sorted(tokenizers)}; pass unnorm_key=<one of them>")
+            raise UsageError(f"this checkpoint has action statistics for {sorted(tokenizers)}; pass unnorm_key=<one of them>")
         return next(iter(tokenizers.values()))
     if unnorm_key not in tokenizers:
-        raise KeyError(f"unnorm_key={unnorm_key!r} is not in this checkpoint; choose one of {sorted(tokenizers)}")
+        raise UsageError(f"unnorm_key={unnorm_key!r} is not in this checkpoint; choose one of {sorted(tokenizers)}")
     return tokenizers[unnorm_key]
 
 

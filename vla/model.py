@@ -35,6 +35,7 @@ from transformers import (
 from transformers.image_utils import PILImageResampling
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
+from store.errors import UsageError
 from vla.action_tokenizer import ActionTokenizer
 from vla.text_tokenizer import action_token
 
@@ -67,9 +68,9 @@ class VLAModelConfig:
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHITECTURES:
-            raise ValueError(f"arch={self.arch!r} is not supported; choose one of {sorted(ARCHITECTURES)}")
+            raise UsageError(f"arch={self.arch!r} is not supported; choose one of {sorted(ARCHITECTURES)}")
         if self.film and self.arch != "fast_vlm":
-            raise ValueError(f"film=true conditions a ResNet tower's stages; arch={self.arch} has none, use fast_vlm")
+            raise UsageError(f"film=true conditions a ResNet tower's stages; arch={self.arch} has none, use fast_vlm")
         for name in (
             "image_size", "patch_size", "vision_hidden_size", "vision_layers", "vision_heads",
             "vision_intermediate_size", "text_hidden_size", "text_layers", "text_heads", "text_intermediate_size",
@@ -77,23 +78,23 @@ class VLAModelConfig:
         ):  # fmt: skip
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                raise UsageError(f"{name} must be a positive integer, got {value!r}")
         if self.image_size % self.patch_size:
-            raise ValueError(
+            raise UsageError(
                 f"image_size={self.image_size} must be a multiple of patch_size={self.patch_size} "
                 "(one image token per patch); change either"
             )
         if self.vision_hidden_size % self.vision_heads:
-            raise ValueError(
+            raise UsageError(
                 f"vision_hidden_size={self.vision_hidden_size} must be divisible by vision_heads={self.vision_heads}"
             )
         if self.text_hidden_size % self.text_heads or (self.text_hidden_size // self.text_heads) % 2:
-            raise ValueError(
+            raise UsageError(
                 f"text_hidden_size={self.text_hidden_size} / text_heads={self.text_heads} must be an even integer "
                 "(rotary embeddings rotate pairs of channels); change either"
             )
         if self.max_position_embeddings < self.num_image_tokens + 32:
-            raise ValueError(
+            raise UsageError(
                 f"max_position_embeddings={self.max_position_embeddings} leaves no room for the prompt after "
                 f"{self.num_image_tokens} image tokens; raise it to at least {self.num_image_tokens + 32}"
             )
@@ -153,7 +154,7 @@ def _conv_vision_config(cfg: VLAModelConfig) -> ResNetConfig:
     """
     stages = int(np.log2(cfg.patch_size)) - 1
     if cfg.patch_size != 2 ** (stages + 1) or stages < 1:
-        raise ValueError(f"arch=fast_vlm needs patch_size = a power of two >= 4, got {cfg.patch_size}")
+        raise UsageError(f"arch=fast_vlm needs patch_size = a power of two >= 4, got {cfg.patch_size}")
     widths = [max(8, cfg.vision_hidden_size >> (stages - 1 - i)) for i in range(stages)]
     depths = [max(1, cfg.vision_layers // stages)] * stages
     vision = ResNetConfig(num_channels=3, embedding_size=widths[0], hidden_sizes=widths, depths=depths,
@@ -349,7 +350,7 @@ def sincos_2d(grid: int, dim: int) -> torch.Tensor:
     codes stay trainable.
     """
     if dim % 4:
-        raise ValueError(f"vision_hidden_size={dim} must be a multiple of 4 for 2-D sine-cosine position codes")
+        raise UsageError(f"vision_hidden_size={dim} must be a multiple of 4 for 2-D sine-cosine position codes")
     freqs = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))  # (dim / 4,)
     rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
     parts = []
@@ -374,19 +375,19 @@ def load_model(path: str | os.PathLike) -> VLA:
     """Load a checkpoint directory (ours or any local HF checkpoint of a supported architecture), in eval mode."""
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(
+        raise UsageError(
             f"{path} holds no config.json, so it is not a model checkpoint; "
             "pass a directory written by VLA.save_pretrained / model.save_pretrained"
         )
     model_type = json.loads((path / "config.json").read_text()).get("model_type")
     if model_type not in ARCHITECTURES:
-        raise ValueError(
+        raise UsageError(
             f"{path} holds a {model_type!r} model; supported model types are {sorted(ARCHITECTURES)}. "
             "Convert the checkpoint or register its architecture in vla.model.ARCHITECTURES"
         )
     for required in ("tokenizer.json", "preprocessor_config.json"):
         if not (path / required).is_file():
-            raise FileNotFoundError(
+            raise UsageError(
                 f"{path} lacks {required}; save the checkpoint with VLA.save_pretrained so that it is self-contained"
             )
     model = ARCHITECTURES[model_type].model_class.from_pretrained(path).eval()

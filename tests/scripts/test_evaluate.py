@@ -8,6 +8,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from store.errors import UsageError  # noqa: E402
 from evaluate import EvalConfig, evaluate  # noqa: E402
 from policy_factory import PolicySpec  # noqa: E402
 
@@ -72,7 +73,7 @@ def test_an_interrupted_evaluation_resumes_from_finished_episodes(tmp_path):
 def test_bad_inputs_are_refused_before_any_work(tmp_path):
     with pytest.raises(FileNotFoundError, match="neither 'expert', 'random' nor a checkpoint"):
         evaluate(_cfg(tmp_path, "x", policy=str(tmp_path)))
-    with pytest.raises(KeyError, match="unknown suite"):
+    with pytest.raises(UsageError, match="unknown suite"):
         evaluate(_cfg(tmp_path, "x", suite="speed"))
     evaluate(_cfg(tmp_path, "base", task="reach", episodes_per_task=1))
     with pytest.raises(ValueError, match="was evaluated on success-v2"):

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from store.errors import UsageError
+
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "scripts"))
 
@@ -70,7 +72,7 @@ def test_ray_evaluation_equals_local(ray_cluster, tmp_path):
 
 
 def test_unknown_backend_is_refused():
-    with pytest.raises(ValueError, match="backend='spark' is not one of local, ray"):
+    with pytest.raises(UsageError, match="backend='spark' is not one of local, ray"):
         check_backend("spark")
-    with pytest.raises(ValueError, match="backend='spark'"):
+    with pytest.raises(UsageError, match="backend='spark'"):
         DemoConfig(backend="spark")

@@ -1,6 +1,7 @@
 import pytest
 
 import tasks
+from store.errors import UsageError
 from tasks.suites import SUITES, build_manifest, resolve_tasks
 
 
@@ -38,11 +39,11 @@ def test_instruction_suite_meets_each_scene_twice():
 
 
 def test_unknown_names_fail_clearly():
-    with pytest.raises(KeyError, match="unknown suite"):
+    with pytest.raises(UsageError, match="unknown suite"):
         build_manifest("speed", 3)
-    with pytest.raises(KeyError, match="unknown task"):
+    with pytest.raises(UsageError, match="unknown task"):
         resolve_tasks("pick,juggle")
-    with pytest.raises(ValueError, match="episodes_per_task"):
+    with pytest.raises(UsageError, match="episodes_per_task"):
         build_manifest("success", 0)
 
 
@@ -55,7 +56,7 @@ def test_distractors_override_sets_every_episodes_clutter_on_the_same_seeds():
     env = tasks.make_env("reach")
     env.reset(seed=bare["episodes"][0]["seed"], options=bare["episodes"][0]["options"])
     assert len(env.scene.objects) == 1
-    with pytest.raises(ValueError, match="distractors"):
+    with pytest.raises(UsageError, match="distractors"):
         build_manifest("success", 2, distractors=-1)
-    with pytest.raises(ValueError, match="look-alike"):
+    with pytest.raises(UsageError, match="look-alike"):
         build_manifest("instruction", 2, distractors=0)

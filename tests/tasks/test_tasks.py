@@ -5,6 +5,7 @@ import pytest
 
 import tasks
 from sim.safety import COUNT_EVENTS
+from store.errors import UsageError
 from tasks.rollout import rollout
 
 TASK_NAMES = sorted(tasks.TASKS)
@@ -86,7 +87,7 @@ def test_heldout_paraphrases_are_used_when_asked():
 
 
 def test_unknown_task_name_lists_the_choices():
-    with pytest.raises(KeyError, match="choose one of"):
+    with pytest.raises(UsageError, match="choose one of"):
         tasks.get_task("juggle")
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoTokenizer, PreTrainedTokenizerFast
 
+from store.errors import UsageError
 from vla.action_tokenizer import ActionTokenizer
 from vla.model import (
     ARCHITECTURES,
@@ -132,7 +133,7 @@ def test_vision_positions_start_as_2d_sincos(tokenizer):
     ],
 )
 def test_config_validation(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(UsageError, match=match):
         VLAModelConfig(**kwargs)
 
 
@@ -294,16 +295,16 @@ def test_save_load_round_trip_and_train_step(tmp_path, vla, batch_data):
 
 
 def test_load_model_errors(tmp_path, vla):
-    with pytest.raises(FileNotFoundError, match="no config.json"):
+    with pytest.raises(UsageError, match="no config.json"):
         load_model(tmp_path)
     vla.save_pretrained(tmp_path)
     (tmp_path / "preprocessor_config.json").unlink()
-    with pytest.raises(FileNotFoundError, match="preprocessor_config.json"):
+    with pytest.raises(UsageError, match="preprocessor_config.json"):
         load_model(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     for model_type in ("gpt2", "not_a_model"):
         (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": model_type}))
-        with pytest.raises(ValueError, match="supported model types"):
+        with pytest.raises(UsageError, match="supported model types"):
             load_model(tmp_path)
 
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import LlavaForConditionalGeneration
 
+from store.errors import UsageError
 from vla import policy as policy_module
 from vla.action_tokenizer import ActionTokenizer
 from vla.checkpoint import save_checkpoint
@@ -253,15 +254,15 @@ def test_from_pretrained_round_trip(tmp_path, vla, action_tokenizer, observation
     assert VLAPolicy.from_pretrained(tmp_path, unnorm_key="sim", temperature=1.0).temperature == 1.0
 
     save_checkpoint(vla, {"sim": action_tokenizer, "real": action_tokenizer}, tmp_path)
-    with pytest.raises(ValueError, match="pass unnorm_key"):
+    with pytest.raises(UsageError, match="pass unnorm_key"):
         VLAPolicy.from_pretrained(tmp_path)
-    with pytest.raises(KeyError, match="not in this checkpoint"):
+    with pytest.raises(UsageError, match="not in this checkpoint"):
         VLAPolicy.from_pretrained(tmp_path, unnorm_key="lab")
 
 
 def test_from_pretrained_without_action_statistics(tmp_path, vla):
     vla.save_pretrained(tmp_path)
-    with pytest.raises(FileNotFoundError, match="action_tokenizer.json"):
+    with pytest.raises(UsageError, match="action_tokenizer.json"):
         VLAPolicy.from_pretrained(tmp_path)
 
 
