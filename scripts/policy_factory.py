@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tasks.policy import RandomPolicy
+
 BUILTIN = ("expert", "random")
 
 
@@ -38,8 +40,6 @@ class PolicySpec:
         if self.name == "expert":
             return env.task.expert(env)
         if self.name == "random":
-            from vla.policy import RandomPolicy
-
             return RandomPolicy(env.action_space.low, env.action_space.high)
         if self._vla is None:
             from vla.policy import VLAPolicy

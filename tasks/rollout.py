@@ -1,4 +1,4 @@
-"""Run one episode of any policy (`reset()`, `act(obs) -> (action, info)`) in a TabletopEnv and record it."""
+"""Run episodes of any policy (``tasks.policy.Policy``) in TabletopEnvs and record them."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import gymnasium as gym
 import numpy as np
 
 from sim.env import TabletopEnv
+from tasks.policy import BatchPolicy, Policy
 
 
 @dataclass
@@ -38,7 +39,7 @@ class Rollout:
 
 
 def rollout(
-    env: TabletopEnv | gym.Env, policy, seed: int, options: dict | None = None, max_steps: int | None = None,
+    env: TabletopEnv | gym.Env, policy: Policy, seed: int, options: dict | None = None, max_steps: int | None = None,
     record_video: bool = False,
 ) -> Rollout:
     """Reset `env` and `policy` with `seed` (env with `options`), then step until success, error or the budget."""
@@ -46,15 +47,16 @@ def rollout(
 
 
 def rollout_batch(
-    envs: list, policies: list, seeds: list[int], options: list[dict | None], max_steps: int | None = None,
+    envs: list, policies: list[Policy], seeds: list[int], options: list[dict | None], max_steps: int | None = None,
     record_video: list[bool] | None = None,
 ) -> list[Rollout]:
-    """Run one episode in each env in lockstep. When every env has the same policy object and it has `act_batch`
-    (the VLA, the random policy), each step is one batched call over the episodes still running; otherwise
-    (scripted experts, one per env) each policy acts on its own env. A shared policy is reset once, with seeds[0]."""
+    """Run one episode in each env in lockstep. When every env has the same policy object and it is a
+    ``BatchPolicy`` (the VLA, the random policy), each step is one batched call over the episodes still running;
+    otherwise (scripted experts, one per env) each policy acts on its own env. A shared policy is reset once, with
+    seeds[0]."""
     n = len(envs)
     record_video = record_video or [False] * n
-    shared = n > 1 and all(p is policies[0] for p in policies) and hasattr(policies[0], "act_batch")
+    shared = n > 1 and all(p is policies[0] for p in policies) and isinstance(policies[0], BatchPolicy)
     for policy, seed in zip(policies[:1] if shared else policies, seeds):
         policy.reset(seed=seed)
     obs = [env.reset(seed=s, options=o)[0] for env, s, o in zip(envs, seeds, options)]

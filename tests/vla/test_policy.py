@@ -12,7 +12,7 @@ from vla import policy as policy_module
 from vla.action_tokenizer import ActionTokenizer
 from vla.checkpoint import save_checkpoint
 from vla.model import ARCHITECTURES, VLA, VLAModelConfig, build_inputs, build_vla, model_inputs
-from vla.policy import RandomPolicy, VLAPolicy, action_confidence, fast_path_blocker, nucleus, predict_action
+from vla.policy import VLAPolicy, action_confidence, fast_path_blocker, nucleus, predict_action
 from vla.text_tokenizer import action_token_offset, build_tokenizer
 
 CORPUS = ["pick up the red cube", "push the blue ball into the green bowl", "stack the yellow block on the cube"]
@@ -276,25 +276,3 @@ def test_rejects_bad_arguments(vla, action_tokenizer):
     beyond = ActionTokenizer(action_tokenizer.q01, action_tokenizer.q99, token_offset=vocab - 100)
     with pytest.raises(ValueError, match="exceed the model's vocabulary"):
         VLAPolicy(vla, beyond)
-
-
-def test_random_policy_is_bounded_and_seeded():
-    low = np.array([-0.05, -0.05, -0.05, -0.3, -0.3, -0.3, 0.0])
-    high = -low
-    high[6] = 1.0
-    policy = RandomPolicy(low, high, seed=0)
-    actions, _ = policy.act_batch([{}] * 500)
-    assert actions.shape == (500, D) and actions.dtype == np.float32
-    assert ((actions >= low) & (actions <= high)).all()
-    assert set(np.unique(actions[:, 6])) == {0.0, 1.0}
-    assert (actions[:, :6].std(axis=0) > 0.8 * (high[:6] - low[:6]) / np.sqrt(12)).all()  # uniform: std = w / sqrt 12
-    action, info = policy.act({})
-    assert action.shape == (D,) and info == {}
-    policy.reset()
-    np.testing.assert_array_equal(policy.act_batch([{}] * 500)[0], actions)
-    policy.reset(seed=1)
-    assert not np.array_equal(policy.act_batch([{}] * 500)[0], actions)
-    free, _ = RandomPolicy(low, high, gripper_dim=None).act_batch([{}] * 500)
-    assert len(np.unique(free[:, 6])) == 500  # a continuous gripper when asked
-    with pytest.raises(ValueError, match="low <= high"):
-        RandomPolicy(high, low)
