@@ -33,7 +33,8 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from vla.action_tokenizer import ActionTokenizer
-from vla.model import PROMPT_TEMPLATE, VLAModelConfig, build_inputs, build_vla, model_inputs
+from vla.inputs import PROMPT_TEMPLATE, build_inputs, model_inputs
+from vla.model import VLAModelConfig, build_vla
 from vla.policy import VLAPolicy
 from vla.text_tokenizer import action_token_offset, build_tokenizer
 

@@ -128,7 +128,8 @@ def bench_eval(seconds: float) -> dict:
     from tasks.suites import build_manifest
     from vla.action_tokenizer import ActionTokenizer
     from vla.checkpoint import save_checkpoint
-    from vla.model import PROMPT_TEMPLATE, VLAModelConfig, build_vla
+    from vla.inputs import PROMPT_TEMPLATE
+    from vla.model import VLAModelConfig, build_vla
     from vla.text_tokenizer import action_token_offset, build_tokenizer
 
     manifest = build_manifest("success", 8, ["reach", "pick"])

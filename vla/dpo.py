@@ -47,7 +47,8 @@ from vla.action_tokenizer import ActionTokenizer
 from vla.checkpoint import ACTION_STATS_FILE, load_action_tokenizers, pick_action_tokenizer, save_checkpoint
 from store.lerobot import LeRobotDataset
 from store.files import atomic_write
-from vla.model import IGNORE_INDEX, VLA, build_inputs, load_model, model_inputs
+from vla.inputs import IGNORE_INDEX, build_inputs, model_inputs
+from vla.model import VLA, load_model
 from vla.run_state import (
     STATE_FILE,
     STATE_TENSORS,

@@ -1,25 +1,25 @@
-"""The VLA model: a SigLIP vision encoder, a projector and a causal LM, built and loaded with `transformers`.
+"""The VLA model: a vision tower, a projector and a causal LM, built from a config or loaded with `transformers`.
 
-Two real architectures share one input builder: Llava (SigLIP + Llama) and PaliGemma (SigLIP + Gemma). A checkpoint
-directory is a plain Hugging Face directory (``config.json``, ``model.safetensors``, tokenizer files,
-``preprocessor_config.json``) that ``load_model`` reopens without any code from this project but the registry below.
+Three registered architectures (``ARCHITECTURES``, keyed by ``config.model_type``): FastVLM (a ResNet tower + Llama,
+the default; ``vla.film`` adds FiLM to it), Llava (SigLIP ViT + Llama) and PaliGemma (SigLIP + Gemma). They share
+one input builder, ``vla.inputs.build_inputs``. A checkpoint directory is a plain Hugging Face directory
+(``config.json``, ``model.safetensors``, tokenizer files, ``preprocessor_config.json``) that ``load_model`` reopens
+without any code from this project but the registry below.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from transformers import (
     FastVlmConfig,
-    FastVlmForConditionalGeneration,
     GemmaConfig,
     LlamaConfig,
     LlavaConfig,
@@ -37,11 +37,10 @@ from transformers.models.siglip.image_processing_pil_siglip import SiglipImagePr
 
 from store.errors import UsageError
 from vla.action_tokenizer import ActionTokenizer
+from vla.film import FilmFastVlm
 from vla.text_tokenizer import action_token
 
 STATE_TOKENIZER_FILE = "state_tokenizer.json"
-PROMPT_TEMPLATE = "In: What action should the robot take to {instruction}?\nOut:"
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -177,72 +176,6 @@ def _fastvlm_config(cfg: VLAModelConfig, tokenizer: PreTrainedTokenizerFast) -> 
         first_word = max(tokenizer.all_special_ids) + 1
         config.film_token_range = [first_word, tokenizer.convert_tokens_to_ids(action_token(0))]
     return config
-
-
-class _Instruction:
-    """The instruction vector of the current forward pass, shared by a FiLM model and its stage hooks."""
-
-    value: torch.Tensor | None = None
-
-
-def _film_hook(stage: torch.nn.Module, args, out: torch.Tensor) -> torch.Tensor:
-    # A plain function reading the stage's own attribute, so that a deep copy of the model (a frozen DPO reference)
-    # modulates with its own copies of the layer and the instruction.
-    layer, instruction = stage.film
-    if instruction.value is None:
-        raise RuntimeError("a FiLM model reads the instruction: call the model's forward, not its vision tower")
-    gamma, beta = layer(instruction.value).chunk(2, dim=1)  # (B, C) each
-    return out * (1 + gamma[..., None, None]) + beta[..., None, None]
-
-
-class FilmFastVlm(FastVlmForConditionalGeneration):
-    """FastVLM, optionally with FiLM: when ``config.film_token_range`` is set, the mean embedding of the prompt's
-    words (ids in that range), layer-normalised, gives a per-channel scale and shift for every ResNet stage's output,
-    ``h * (1 + gamma) + beta``, zero-initialised so that training starts from the plain model.
-
-    Without it this is exactly ``FastVlmForConditionalGeneration``, so every FastVLM checkpoint loads through it.
-    Only the forward pass sets the instruction: a vision-tower call outside it raises instead of using a stale one.
-    """
-
-    def __init__(self, config: FastVlmConfig) -> None:
-        super().__init__(config)
-        self.film, self._instruction = None, _Instruction()
-        if getattr(config, "film_token_range", None) is None:
-            return
-        self.film = torch.nn.ModuleList(
-            torch.nn.Linear(config.text_config.hidden_size, 2 * width) for width in config.vision_config.hidden_sizes
-        )
-        for layer in self.film:
-            torch.nn.init.zeros_(layer.weight)
-            torch.nn.init.zeros_(layer.bias)
-        for stage, layer in zip(self.model.vision_tower.encoder.stages, self.film):
-            stage.film = (layer, self._instruction)  # a plain attribute: not a submodule, not in the state dict
-            stage.register_forward_hook(_film_hook)
-
-    def _init_weights(self, module: torch.nn.Module) -> None:
-        super()._init_weights(module)
-        film = getattr(self, "film", None)  # post_init runs before __init__ has made it
-        if film is not None and any(module is layer for layer in film):  # weights a checkpoint lacks start at zero
-            torch.nn.init.zeros_(module.weight)
-            torch.nn.init.zeros_(module.bias)
-
-    def forward(self, input_ids=None, pixel_values=None, attention_mask=None, **kwargs):
-        if self.film is None or pixel_values is None:
-            return super().forward(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
-                                   **kwargs)
-        low, high = self.config.film_token_range
-        words = (input_ids >= low) & (input_ids < high)
-        if attention_mask is not None:
-            words &= attention_mask.bool()
-        embeddings = self.get_input_embeddings()(input_ids) * words[..., None]  # (B, L, H)
-        mean = embeddings.sum(1) / words.sum(1, keepdim=True).clamp(min=1)
-        # Normalised: token embeddings start ~0.02 per channel, which would keep the modulation ~100x too weak.
-        self._instruction.value = F.layer_norm(mean, mean.shape[-1:])
-        try:
-            return super().forward(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
-                                   **kwargs)
-        finally:
-            self._instruction.value = None
 
 
 def _paligemma_config(cfg: VLAModelConfig, tokenizer: PreTrainedTokenizerFast) -> PaliGemmaConfig:
@@ -397,136 +330,3 @@ def load_model(path: str | os.PathLike) -> VLA:
     state_tokenizer = ActionTokenizer.load(state_file) if state_file.is_file() else None
     return VLA(_freeze_unused(model), tokenizer, image_processor, state_tokenizer)
 
-
-def num_image_tokens(config: PretrainedConfig) -> int:
-    """Image tokens a prompt needs: one per vision patch (per cell of the ResNet's last feature map)."""
-    vision = config.vision_config
-    return (vision.image_size // vision.patch_size) ** 2
-
-
-def preprocess_images(images: np.ndarray | torch.Tensor, image_processor: SiglipImageProcessorPil) -> torch.Tensor:
-    """uint8 images (B, H, W, 3) -> float32 pixel values (B, 3, h, w) with the processor's size, scale, mean, std.
-
-    A torch re-implementation of the processor for speed (its PIL path costs ~3 ms an image). Images already at
-    the processor's size match it to float rounding; others are resized bilinearly with antialiasing, within
-    about one grey level of PIL's bilinear resize (PIL rounds to uint8 in between).
-    """
-    x = torch.as_tensor(images)
-    if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
-        raise ValueError(f"images must be uint8 (B, H, W, 3), got {x.dtype} {tuple(x.shape)}")
-    x = x.permute(0, 3, 1, 2).float()  # (B, 3, H, W)
-    size = (image_processor.size["height"], image_processor.size["width"])
-    if tuple(x.shape[-2:]) != size:
-        x = F.interpolate(x, size=size, mode="bilinear", antialias=True, align_corners=False)
-    if image_processor.do_rescale:
-        x = x * image_processor.rescale_factor
-    if image_processor.do_normalize:
-        mean = torch.tensor(image_processor.image_mean, dtype=x.dtype).view(1, 3, 1, 1)
-        std = torch.tensor(image_processor.image_std, dtype=x.dtype).view(1, 3, 1, 1)
-        x = (x - mean) / std
-    return x.contiguous()
-
-
-def build_inputs(
-    vla: VLA,
-    images: np.ndarray | torch.Tensor,
-    instructions: Sequence[str],
-    action_ids: np.ndarray | torch.Tensor | None = None,
-    states: np.ndarray | None = None,
-) -> dict[str, torch.Tensor]:
-    """The one input builder for SFT, DPO and the policy, for every registered architecture.
-
-    images: uint8 (B, H, W, 3). instructions: B strings. action_ids: int (B, D) token ids from
-    ``ActionTokenizer.encode`` for training/scoring, or None for inference. states: float (B, S) proprio states,
-    required when ``vla.state_tokenizer`` is set and ignored otherwise.
-
-    Each row is ``<image>*N`` and ``<s>`` (order per architecture), then, when the model reads the state, its S
-    state tokens, then ``PROMPT_TEMPLATE`` filled with the instruction, then, with ``action_ids``, the D action
-    tokens and ``</s>``. Image, state and prompt tokens are all read and never scored.
-
-    Padding: with ``action_ids`` rows are right-padded (targets sit at known positions, simplest for losses);
-    without, rows are left-padded so that position -1 of every row is the prediction point of the first action
-    token and generated tokens append at the same index for all rows. ``position_ids`` count real tokens only,
-    so padding changes no logit.
-
-    Returns tensors: ``input_ids``, ``attention_mask``, ``position_ids`` (B, L), ``pixel_values`` (B, 3, h, w),
-    ``token_type_ids`` (B, L) for PaliGemma (0 = bidirectional prefix, 1 = causal suffix), ``labels`` (B, L) when
-    ``action_ids`` is given: -100 everywhere except the D action tokens and the EOS, where they equal
-    ``input_ids`` (the model shifts them: logits at position t score the token at t + 1), and
-    ``action_positions`` (B, D): where the action tokens sit in ``input_ids``, so ``logits[b, action_positions - 1]``
-    score them. Pass ``model_inputs(batch)`` to the model.
-    """
-    config = vla.model.config
-    arch = ARCHITECTURES[config.model_type]
-    tokenizer = vla.tokenizer
-    batch = len(instructions)
-    pixel_values = preprocess_images(images, vla.image_processor)
-    if pixel_values.shape[0] != batch:
-        raise ValueError(f"got {pixel_values.shape[0]} images for {batch} instructions")
-
-    image_ids = [config.image_token_id] * num_image_tokens(config)
-    lead = image_ids + [tokenizer.bos_token_id] if arch.image_before_bos else [tokenizer.bos_token_id] + image_ids
-    prompts = [PROMPT_TEMPLATE.format(instruction=text) + arch.prefix_separator for text in instructions]
-    state_ids = [[]] * batch
-    if vla.state_tokenizer is not None:
-        if states is None:
-            raise ValueError("this model reads the proprio state (its checkpoint has state_tokenizer.json); "
-                             "pass states=obs['state'] for every row")
-        states = np.asarray(states, dtype=np.float64)
-        if states.shape != (batch, vla.state_tokenizer.action_dim):
-            raise ValueError(f"states must be (B={batch}, {vla.state_tokenizer.action_dim}), got {states.shape}")
-        state_ids = vla.state_tokenizer.encode(states).tolist()
-    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    prefixes = [lead + s + ids for s, ids in zip(state_ids, prompt_ids)]
-
-    if action_ids is None:
-        suffix = torch.zeros(batch, 0, dtype=torch.long)
-    else:
-        actions = torch.as_tensor(action_ids)
-        if actions.ndim != 2 or actions.shape[0] != batch or actions.dtype.is_floating_point:
-            raise ValueError(f"action_ids must be integer (B={batch}, D), got {actions.dtype} {tuple(actions.shape)}")
-        if actions.min() < 0 or actions.max() >= config.text_config.vocab_size:
-            raise ValueError("action_ids lie outside the vocabulary; encode actions with the checkpoint's tokenizer")
-        eos = torch.full((batch, 1), tokenizer.eos_token_id, dtype=torch.long)
-        suffix = torch.cat([actions.long(), eos], dim=1)  # (B, D + 1)
-
-    lengths = [len(p) + suffix.shape[1] for p in prefixes]
-    seq_len = max(lengths)
-    if seq_len > config.text_config.max_position_embeddings:
-        raise ValueError(
-            f"prompt of {seq_len} tokens exceeds max_position_embeddings="
-            f"{config.text_config.max_position_embeddings}; shorten the instruction or enlarge the model config"
-        )
-    input_ids = torch.full((batch, seq_len), tokenizer.pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros(batch, seq_len, dtype=torch.long)
-    is_suffix = torch.zeros(batch, seq_len, dtype=torch.bool)
-    left_pad = action_ids is None
-    action_starts = []
-    for row, (prefix, length) in enumerate(zip(prefixes, lengths)):
-        start = seq_len - length if left_pad else 0
-        tokens = torch.cat([torch.tensor(prefix, dtype=torch.long), suffix[row]])
-        input_ids[row, start : start + length] = tokens
-        attention_mask[row, start : start + length] = 1
-        is_suffix[row, start + len(prefix) : start + length] = True
-        action_starts.append(start + len(prefix))
-
-    position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0) + arch.position_offset  # (B, L)
-    out = {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "position_ids": position_ids,
-        "pixel_values": pixel_values,
-    }
-    if arch.uses_token_type_ids:
-        # Right padding joins the causal suffix; left padding joins the prefix so that no query row is all-masked.
-        padding_type = 0 if left_pad else 1
-        out["token_type_ids"] = torch.where(attention_mask.bool(), is_suffix.long(), padding_type)
-    if action_ids is not None:
-        out["labels"] = torch.where(is_suffix, input_ids, IGNORE_INDEX)
-        out["action_positions"] = torch.tensor(action_starts).unsqueeze(1) + torch.arange(suffix.shape[1] - 1)  # (B, D)
-    return out
-
-
-def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The entries of a ``build_inputs`` batch that the model's forward accepts."""
-    return {key: value for key, value in batch.items() if key != "action_positions"}

@@ -44,7 +44,8 @@ from vla.action_tokenizer import GRIPPER_DIM, ActionTokenizer
 from vla.checkpoint import save_checkpoint
 from store.lerobot import DatasetError, Episode, LeRobotDataset
 from store.writer import DatasetWriter
-from vla.model import PROMPT_TEMPLATE, VLA, VLAModelConfig, build_inputs, build_vla, load_model, model_inputs
+from vla.inputs import PROMPT_TEMPLATE, build_inputs, model_inputs
+from vla.model import VLA, VLAModelConfig, build_vla, load_model
 from vla.run_state import (
     STATE_FILE,
     STATE_TENSORS,

@@ -32,7 +32,8 @@ from store.lerobot import LeRobotDataset
 from store.validate import validate_dataset
 from vla.dpo import PAIRS_FILE, ROLLOUTS_FILE, DPOConfig
 from vla.dpo import register_configs as register_dpo
-from vla.model import PROMPT_TEMPLATE, VLAModelConfig, build_vla
+from vla.inputs import PROMPT_TEMPLATE
+from vla.model import VLAModelConfig, build_vla
 from vla.policy import VLAPolicy
 from vla.text_tokenizer import action_token_offset, build_tokenizer
 

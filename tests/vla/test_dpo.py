@@ -33,13 +33,8 @@ from vla.dpo import (
     sequence_logps,
     train_dpo,
 )
-from vla.model import (
-    PROMPT_TEMPLATE,
-    VLAModelConfig,
-    build_inputs,
-    build_vla,
-    load_model,
-)
+from vla.inputs import PROMPT_TEMPLATE, build_inputs
+from vla.model import VLAModelConfig, build_vla, load_model
 from vla.policy import VLAPolicy
 from vla.run_state import weights_digest
 from vla.text_tokenizer import action_token_offset, build_tokenizer

@@ -1,4 +1,4 @@
-"""Tests for vla/text_tokenizer.py and vla/model.py on tiny random-weight models of both architectures."""
+"""Tests for vla/text_tokenizer.py, vla/model.py, vla/film.py and vla/inputs.py on tiny random-weight models of both architectures."""
 
 import json
 from copy import deepcopy
@@ -10,18 +10,8 @@ from transformers import AutoModelForImageTextToText, AutoTokenizer, PreTrainedT
 
 from store.errors import UsageError
 from vla.action_tokenizer import ActionTokenizer
-from vla.model import (
-    ARCHITECTURES,
-    IGNORE_INDEX,
-    VLA,
-    VLAModelConfig,
-    build_inputs,
-    build_model,
-    build_vla,
-    load_model,
-    model_inputs,
-    preprocess_images,
-)
+from vla.inputs import IGNORE_INDEX, build_inputs, model_inputs, preprocess_images
+from vla.model import ARCHITECTURES, VLA, VLAModelConfig, build_model, build_vla, load_model
 from vla.text_tokenizer import action_token, action_token_offset, build_tokenizer
 
 CORPUS = ["pick up the red cube", "push the blue ball into the green bowl", "stack the yellow block on the cube"]

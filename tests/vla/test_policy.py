@@ -1,4 +1,4 @@
-"""Tests for vla/policy.py: decoding checked token by token against teacher-forced Hugging Face forwards."""
+"""Tests for vla/policy.py and vla/decoding.py: decoding checked token by token against teacher-forced Hugging Face forwards."""
 
 import copy
 
@@ -8,11 +8,13 @@ import torch
 from transformers import LlavaForConditionalGeneration
 
 from store.errors import UsageError
-from vla import policy as policy_module
+from vla import decoding
 from vla.action_tokenizer import ActionTokenizer
 from vla.checkpoint import save_checkpoint
-from vla.model import ARCHITECTURES, VLA, VLAModelConfig, build_inputs, build_vla, model_inputs
-from vla.policy import VLAPolicy, action_confidence, fast_path_blocker, nucleus, predict_action
+from vla.inputs import build_inputs, model_inputs
+from vla.model import ARCHITECTURES, VLA, VLAModelConfig, build_vla
+from vla.decoding import fast_path_blocker
+from vla.policy import VLAPolicy, action_confidence, nucleus, predict_action
 from vla.text_tokenizer import action_token_offset, build_tokenizer
 
 CORPUS = ["pick up the red cube", "push the blue ball into the green bowl", "stack the yellow block on the cube"]
@@ -236,7 +238,7 @@ def test_fallback_for_text_models_without_a_lean_decoder(vla, action_tokenizer, 
     assert fast_path_blocker(vla.model) is None and fast.fallback_reason is None
     expected, _ = fast.act_batch(observations)
     text_type = vla.model.config.get_text_config().model_type
-    monkeypatch.delitem(policy_module._NORM_OFFSET, text_type)
+    monkeypatch.delitem(decoding._NORM_OFFSET, text_type)
     slow = VLAPolicy(vla, action_tokenizer)
     assert text_type in slow.fallback_reason and text_type in fast_path_blocker(vla.model)
     np.testing.assert_array_equal(slow.act_batch(observations)[0], expected)

@@ -13,7 +13,8 @@ from vla.action_tokenizer import ActionTokenizer
 from vla.checkpoint import load_checkpoint
 from store.lerobot import DatasetError, Episode
 from store.writer import DatasetWriter
-from vla.model import ARCHITECTURES, PROMPT_TEMPLATE, build_inputs, build_vla, load_model, model_inputs
+from vla.inputs import PROMPT_TEMPLATE, build_inputs, model_inputs
+from vla.model import ARCHITECTURES, build_vla, load_model
 from vla.run_state import latest_checkpoint, weights_digest
 from vla.text_tokenizer import action_token_offset, build_tokenizer
 from vla.train import (

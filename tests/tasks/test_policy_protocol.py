@@ -7,7 +7,8 @@ import torch
 import tasks
 from tasks.policy import BatchPolicy, Policy, RandomPolicy
 from vla.action_tokenizer import ActionTokenizer
-from vla.model import PROMPT_TEMPLATE, VLAModelConfig, build_vla
+from vla.inputs import PROMPT_TEMPLATE
+from vla.model import VLAModelConfig, build_vla
 from vla.policy import VLAPolicy
 from vla.text_tokenizer import action_token_offset, build_tokenizer
 
