@@ -110,7 +110,7 @@ def bench_policy(seconds: float) -> dict:
 
 
 def bench_train(seconds: float) -> dict:
-    from vla.train import naive_step_throughput
+    from bench.train_throughput import naive_step_throughput
 
     return naive_step_throughput()
 

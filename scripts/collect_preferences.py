@@ -28,8 +28,6 @@ from pathlib import Path
 
 import hydra
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MissingMandatoryValue, OmegaConf
@@ -47,8 +45,7 @@ from vla.checkpoint import ACTION_STATS_FILE
 from store.errors import UsageError
 from store.lerobot import Episode, is_complete
 from store.writer import DatasetWriter
-from store.files import atomic_write
-from vla.dpo import PAIRS_FILE, ROLLOUTS_FILE
+from store.preferences import write_tables
 from store.files import write_json
 
 STAGING = ".starts"  # one JSON per finished start state, until the tables are written
@@ -192,20 +189,6 @@ def judge_start(cfg: CollectConfig, start: dict, runs: list, budget: int) -> dic
     return {"start": start, "rollouts": rows, "pairs": pairs}
 
 
-def _write_table(path: Path, table: pa.Table) -> None:
-    atomic_write(path, lambda p: pq.write_table(table, p))
-
-
-def _tables(records: list[dict]) -> tuple[pa.Table, pa.Table]:
-    """(rollouts, pairs) tables of the staged start records, in start order."""
-    rollouts = pa.Table.from_pylist([r for rec in records for r in rec["rollouts"]])
-    i = rollouts.schema.get_field_index("error")
-    rollouts = rollouts.set_column(i, "error", rollouts["error"].cast(pa.string()))  # all None: null type otherwise
-    pairs = [{"pair_index": i, **p} for i, p in enumerate(p for rec in records for p in rec["pairs"])]
-    empty = pa.schema([(k, pa.int64()) for k in ("pair_index", "start_index", "chosen", "rejected")])
-    return rollouts, pa.Table.from_pylist(pairs, schema=None if pairs else empty)
-
-
 def summarize_collection(cfg: CollectConfig, records: list[dict], seconds: float) -> dict:
     rows = [r for rec in records for r in rec["rollouts"]]
     pairs = [p for rec in records for p in rec["pairs"]]
@@ -269,9 +252,7 @@ def collect(cfg: CollectConfig) -> dict:
             torch.set_num_threads(threads)
     writer.finalize()
     records = [json.loads((staging / f"start-{i:06d}.json").read_text()) for i in range(cfg.starts)]
-    rollouts, pairs = _tables(records)
-    _write_table(out / ROLLOUTS_FILE, rollouts)
-    _write_table(out / PAIRS_FILE, pairs)
+    write_tables(out, records)
     summary = summarize_collection(cfg, records, time.perf_counter() - t0)
     write_json(out / "summary.json", summary)
     for p in staging.iterdir():

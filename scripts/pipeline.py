@@ -19,7 +19,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import hydra
@@ -32,11 +32,10 @@ from omegaconf import OmegaConf
 
 from tasks.judge import JudgeWeights
 from tasks.parallel import check_backend
-from store.lerobot import DatasetError
 from store.files import atomic_write
-from vla.dpo import DPOConfig, DPOError, train_dpo
+from vla.dpo import DPOConfig, train_dpo
 from store.files import write_json
-from vla.train import ModelConfig, SFTConfig, SFTError, TrainConfig, train
+from vla.sft import ModelConfig, SFTConfig, TrainConfig, train
 
 STAGES = ("demos", "sft", "eval", "prefs", "dpo", "eval_dpo")
 SUITES = ("success", "safety")
@@ -166,8 +165,12 @@ class Pipeline:
         return pc.dataset_config() | {"policy": None}, lambda: collect(pc)
 
     def dpo(self):
+        d = self.cfg.dpo
+        loop = replace(DPOConfig().train, steps=d.steps, batch_size=d.batch_size, lr=d.lr, warmup_steps=d.warmup_steps,
+                       eval_every=d.eval_every)
         dc = DPOConfig(policy=str(self.sft_ckpt), preferences=str(self.dirs["prefs"]),
-                       output_dir=str(self.dirs["dpo"]), resume=True, **asdict(self.cfg.dpo))
+                       output_dir=str(self.dirs["dpo"]), resume=True, beta=d.beta, loss_type=d.loss_type,
+                       level=d.level, alpha=d.alpha, pairs=d.pairs, train=loop)
         return asdict(self.cfg.dpo), lambda: train_dpo(dc)
 
     def eval_dpo(self):
@@ -253,7 +256,7 @@ def register_configs() -> None:
 def main(cfg) -> None:
     try:
         Pipeline(OmegaConf.to_object(cfg)).run()
-    except (PipelineError, SFTError, DPOError, DatasetError, FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e.args[0] if e.args else e}")
 
 

@@ -6,27 +6,17 @@
 """
 
 import os
-import sys
 
 import hydra
-from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf
+from omegaconf import DictConfig
 
-from store.lerobot import DatasetError
-from vla.train import SFTConfig, SFTError, register_configs, train
+from harness.cli import register_configs, run
+from vla.sft import train
 
 
 @hydra.main(version_base=None, config_path="../conf", config_name="train_sft")
 def main(cfg: DictConfig) -> None:
-    try:
-        sft: SFTConfig = OmegaConf.to_object(cfg)  # runs the __post_init__ checks
-    except MissingMandatoryValue as e:
-        sys.exit(f"error: {e.full_key} is required; pass {e.full_key}=PATH")
-    except ValueError as e:
-        sys.exit(f"error: invalid config: {e}")
-    try:
-        train(sft)
-    except (SFTError, DatasetError) as e:
-        sys.exit(f"error: {e}")
+    run(train, cfg)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Direct preference optimisation (DPO) of a VLA on judged rollout pairs, against its frozen SFT reference.
 
-Pure functions first, in TRL v0.7's shape: ``sequence_logps`` -> ``dpo_loss`` -> ``dpo_metrics``. Then the preference
-set on disk (``PreferenceSet``, written by scripts/collect_preferences.py) and ``train_dpo(cfg)``, which reuses
-vla/train.py's optimizer, checkpoints, resume and logging.
+Pure functions first, in TRL v0.7's shape: ``sequence_logps`` -> ``dpo_loss`` -> ``dpo_metrics``. Then the pair
+batches of a preference set (``store.preferences.PreferenceSet``, written by ``harness.preferences``), the frozen
+reference's log-probs, and ``train_dpo(cfg)``: the DPO trainer in ``vla.loop.run``, on one process.
 
 Log-probabilities are those the policy samples from: the softmax over the action-token ids only (``VLAPolicy``'s
 ``log_probs``), summed over the D action tokens of a step. A trajectory's log-probability is the sum over its steps
@@ -13,25 +13,17 @@ log-probs are computed once per frame with the initial (SFT) model and stored, s
 during training. An optional SFT term ``alpha * nll`` (mean negative log-prob per action token of the chosen steps)
 keeps the chosen actions likely (RPO).
 
-What ``train_dpo`` writes into ``cfg.output_dir``:
-    config.json                the run's DPOConfig; a resumed run must name the same policy, preferences and loss
-    reference_logps.parquet    episode_index, logps (T,): the frozen reference's per-step log-probs
-    metrics.jsonl, tb/         train and val metrics (TRL's names: rewards/chosen, rewards/accuracies, ...)
-    checkpoints/step-N/        HF checkpoint + action_tokenizer.json + trainer_state.{json,safetensors}
-    final/                     VLAPolicy.from_pretrained(final) loads it
-    summary.json               headline figures
+Besides what the loop writes into ``cfg.output_dir`` (config.json, metrics.jsonl with TRL's names such as
+rewards/chosen and rewards/accuracies, tb/, checkpoints/step-N/, final/ for ``VLAPolicy.from_pretrained``,
+summary.json): ``reference_logps.parquet`` (episode_index, logps (T,)), the frozen reference's per-step log-probs.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import random
-import shutil
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -39,38 +31,21 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
-from hydra.core.config_store import ConfigStore
-from safetensors.torch import save_file
 from tqdm import tqdm
 
+from store.errors import MISSING, UsageError, require
+from store.files import write_parquet
+from store.preferences import PAIR_FILTERS, PreferenceSet
 from vla.action_tokenizer import ActionTokenizer
 from vla.checkpoint import ACTION_STATS_FILE, load_action_tokenizers, pick_action_tokenizer, save_checkpoint
-from store.lerobot import LeRobotDataset
-from store.files import atomic_write
 from vla.inputs import IGNORE_INDEX, build_inputs, model_inputs
+from vla.loop import Dist, LoopConfig, LoopResult, distributed, run, split_episodes
 from vla.model import VLA, load_model
-from vla.run_state import (
-    STATE_FILE,
-    STATE_TENSORS,
-    check_output_dir,
-    no_hf_progress_bars,
-    prune_checkpoints,
-    restore_trainer_state,
-    trainer_state,
-    weights_digest,
-)
-from store.files import write_atomically, write_json
-from vla.train import EpochBatchSampler, MetricsLogger, make_optimizer, split_episodes
+from vla.run_state import weights_digest
 
-PAIR_FILTERS = ("all", "chosen_success")  # which pairs of a preference set DPO trains and validates on
-PAIRS_FILE = "pairs.parquet"  # pair_index, start_index, chosen, rejected (episode indices), scores, axis, reason
-ROLLOUTS_FILE = "rollouts.parquet"  # one row per episode: episode_index, token_ids (T, D), scores, ...
 REFERENCE_FILE = "reference_logps.parquet"
 LEVELS = ("trajectory", "step")
-
-
-class DPOError(ValueError):
-    """A problem with the run's inputs (config, policy, preferences, output_dir); the message names the fix."""
+RESUME_KEYS = ("policy", "preferences", "pairs", "level", "loss_type", "beta", "alpha", "unnorm_key")
 
 
 # ---- pure functions ----
@@ -143,118 +118,37 @@ def action_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], ids: sl
 
 @dataclass
 class DPOConfig:
-    policy: str  # SFT checkpoint directory (final/): the initial policy and the frozen reference
-    preferences: str  # output_dir of scripts/collect_preferences.py
-    output_dir: str
+    policy: str = MISSING  # SFT checkpoint directory (final/): the initial policy and the frozen reference
+    preferences: str = MISSING  # a preference set (the output_dir of scripts/collect_preferences.py)
+    output_dir: str = MISSING
     resume: bool = False  # continue from the latest checkpoint in output_dir
     beta: float = 0.1  # strength of the implicit KL constraint to the reference
     loss_type: str = "sigmoid"  # sigmoid (DPO) | ipo | hinge
     level: str = "trajectory"  # trajectory: one example per pair; step: one per aligned step of a pair
     alpha: float = 0.0  # weight of the SFT (NLL) term on the chosen steps; 0 disables
     pairs: str = "all"  # all | chosen_success: only the pairs whose chosen rollout succeeded
-    steps: int = 200  # optimizer steps
-    batch_size: int = 2  # pairs per micro-batch (all their frames go through one forward)
-    grad_accum: int = 1
-    lr: float = 2e-5
-    weight_decay: float = 0.0
-    warmup_steps: int = 10  # linear warmup, then cosine down to lr * min_lr_ratio
-    min_lr_ratio: float = 0.1
-    grad_clip: float | None = 1.0
-    seed: int = 0  # start split and pair order
-    log_every: int = 10
-    save_every: int = 100
-    keep_last: int = 2
-    eval_every: int = 50  # validation on the pairs of held-out start states; 0 disables
-    val_fraction: float = 0.1  # fraction of start states held out (at least one when > 0 and there are two)
     ref_batch_frames: int = 64  # frames per forward while computing the reference log-probs
     unnorm_key: str | None = None  # which action statistics of a multi-dataset checkpoint
-    device: str = "auto"  # auto (CUDA with bf16 autocast when present), cpu or cuda
+    # The loop: batch_size counts pairs (all their frames go through one forward); seed sets the start split and
+    # the pair order; val_fraction holds out start states, and eval_every validates on their pairs.
+    train: LoopConfig = field(default_factory=lambda: LoopConfig(
+        steps=200, batch_size=2, lr=2e-5, weight_decay=0.0, warmup_steps=10, save_every=100, eval_every=50))
 
     def __post_init__(self) -> None:
-        if not (self.policy and self.preferences and self.output_dir):
-            raise DPOError("policy, preferences and output_dir must all be set; pass policy=PATH preferences=PATH "
-                           "output_dir=PATH")
-        for name in ("steps", "batch_size", "grad_accum", "log_every", "save_every", "keep_last", "ref_batch_frames"):
-            if getattr(self, name) < 1:
-                raise DPOError(f"{name}={getattr(self, name)} must be >= 1; raise it")
-        for name in ("alpha", "weight_decay", "warmup_steps", "eval_every", "seed"):
-            if getattr(self, name) < 0:
-                raise DPOError(f"{name}={getattr(self, name)} must be >= 0")
-        if not (self.beta > 0 and self.lr > 0):
-            raise DPOError(f"beta={self.beta} and lr={self.lr} must be > 0 (beta 0.1 and lr 2e-5 are usual)")
+        if self.ref_batch_frames < 1:
+            raise UsageError(f"ref_batch_frames={self.ref_batch_frames} must be >= 1; raise it")
+        if self.alpha < 0:
+            raise UsageError(f"alpha={self.alpha} must be >= 0")
+        if not self.beta > 0:
+            raise UsageError(f"beta={self.beta} must be > 0 (0.1 is usual)")
         if self.loss_type not in LOSSES or self.level not in LEVELS:
-            raise DPOError(f"loss_type={self.loss_type!r} must be one of {sorted(LOSSES)} and level={self.level!r} "
-                           f"one of {list(LEVELS)}")
+            raise UsageError(f"loss_type={self.loss_type!r} must be one of {sorted(LOSSES)} and level={self.level!r} "
+                             f"one of {list(LEVELS)}")
         if self.pairs not in PAIR_FILTERS:
-            raise DPOError(f"pairs={self.pairs!r} must be one of {list(PAIR_FILTERS)}")
-        if self.warmup_steps >= self.steps:
-            raise DPOError(f"warmup_steps={self.warmup_steps} must be < steps={self.steps}; lower it")
-        if not 0 <= self.min_lr_ratio <= 1 or not 0 <= self.val_fraction < 1:
-            raise DPOError(f"min_lr_ratio={self.min_lr_ratio} must lie in [0, 1] and val_fraction="
-                           f"{self.val_fraction} in [0, 1)")
-        if self.grad_clip is not None and self.grad_clip <= 0:
-            raise DPOError(f"grad_clip={self.grad_clip} must be > 0; pass null to disable clipping")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise DPOError(f"device={self.device!r} is not one of auto, cpu, cuda")
+            raise UsageError(f"pairs={self.pairs!r} must be one of {list(PAIR_FILTERS)}")
 
 
-def register_configs() -> None:
-    """Register DPOConfig as ``dpo_schema`` in Hydra's ConfigStore (conf/train_dpo.yaml names it)."""
-    ConfigStore.instance().store(name="dpo_schema", node=DPOConfig)
-
-
-# ---- data ----
-
-
-class PreferenceSet:
-    """A preference set on disk: its rollouts as a LeRobot dataset, their action token ids and the judged pairs."""
-
-    def __init__(self, root: str | os.PathLike, pairs: str = "all"):
-        """``pairs``: all, or chosen_success (only the pairs whose chosen rollout succeeded)."""
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise DPOError(f"preferences={root} does not exist; collect it with scripts/collect_preferences.py "
-                           "or fix the path")
-        for name in (PAIRS_FILE, ROLLOUTS_FILE):
-            if not (self.root / name).is_file():
-                raise DPOError(f"preferences={root} holds no {name}; rerun scripts/collect_preferences.py with the "
-                               "same arguments until it writes summary.json")
-        self.frames = LeRobotDataset(self.root)
-        rows = pq.read_table(self.root / ROLLOUTS_FILE, columns=["episode_index", "token_ids", "success"]).to_pylist()
-        self.token_ids = {r["episode_index"]: np.asarray(r["token_ids"], dtype=np.int64) for r in rows}  # (T, D)
-        success = {r["episode_index"]: r["success"] for r in rows}
-        self.pairs = pq.read_table(self.root / PAIRS_FILE, columns=["start_index", "chosen", "rejected"]).to_pylist()
-        if not self.pairs:
-            raise DPOError(f"preferences={root} holds no pairs (no start state's rollouts differed by more than "
-                           "the margin); collect more starts or rollouts_per_start, or lower margin")
-        if pairs == "chosen_success":
-            self.pairs = [p for p in self.pairs if success[p["chosen"]]]
-            if not self.pairs:
-                raise DPOError(f"preferences={root} holds no pair whose chosen rollout succeeded; pass pairs=all, "
-                               "or collect more starts")
-        for ep in self.episodes():
-            if ep not in self.token_ids or len(self.token_ids[ep]) != len(self.frames.episode_frames(ep)):
-                raise DPOError(f"preferences={root}: episode {ep} has no token ids for each of its frames in "
-                               f"{ROLLOUTS_FILE}; collect the preference set again")
-
-    def episodes(self) -> list[int]:
-        """Episode indices that appear in some pair."""
-        return sorted({p[side] for p in self.pairs for side in ("chosen", "rejected")})
-
-    def check_action_tokens(self, tok: ActionTokenizer) -> None:
-        lo, hi = tok.token_offset, tok.token_offset + tok.n_bins
-        for ep in self.episodes():
-            ids = self.token_ids[ep]
-            if ids.shape[1] != tok.action_dim or ids.min() < lo or ids.max() >= hi:
-                raise DPOError(f"preferences={self.root}: episode {ep} holds token ids outside the policy's "
-                               f"{tok.action_dim} x [{lo}, {hi}) action tokens; collect preferences with this policy")
-
-    def steps(self, ep: int, n: int | None = None) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray]:
-        """The first ``n`` (all) steps of episode ``ep``: images (n, H, W, 3) uint8, instructions, token ids (n, D),
-        proprio states (n, S)."""
-        items = [self.frames[i] for i in self.frames.episode_frames(ep)[:n]]
-        return (np.stack([it["image"] for it in items]), [self.frames.episodes[ep]["instruction"]] * len(items),
-                self.token_ids[ep][: len(items)], np.stack([it["state"] for it in items]))
+# ---- pair batches and the reference ----
 
 
 def pair_batch(prefs: PreferenceSet, pairs: list[dict], level: str, vla: VLA, ref: dict[int, np.ndarray]) -> dict:
@@ -341,34 +235,18 @@ def reference_logps(vla: VLA, prefs: PreferenceSet, ids: slice, device: torch.de
 def _write_reference(path: Path, ref: dict[int, np.ndarray], policy: str, digest: str) -> None:
     table = pa.table({"episode_index": pa.array(list(ref), pa.int64()),
                       "logps": pa.array([v.tolist() for v in ref.values()], pa.list_(pa.float64()))})
-    table = table.replace_schema_metadata({"policy": policy, "weights_digest": digest})
-    atomic_write(path, lambda p: pq.write_table(table, p))
+    write_parquet(path, table.replace_schema_metadata({"policy": policy, "weights_digest": digest}))
 
 
 def _read_reference(path: Path, prefs: PreferenceSet) -> dict[int, np.ndarray]:
     ref = {r["episode_index"]: np.asarray(r["logps"]) for r in pq.read_table(path).to_pylist()}
     if any(ep not in ref or len(ref[ep]) != len(prefs.token_ids[ep]) for ep in prefs.episodes()):
-        raise DPOError(f"{path} does not match preferences={prefs.root}; resume with the same preferences or "
-                       "choose another output_dir")
+        raise UsageError(f"{path} does not match preferences={prefs.root}; resume with the same preferences or "
+                         "choose another output_dir")
     return ref
 
 
-# ---- the run ----
-
-
-def _check_known_keys(cfg: DPOConfig) -> None:
-    """Refuse keys that Hydra's ``+key=value`` slipped past the schema."""
-    extra = sorted(set(vars(cfg)) - {f.name for f in fields(cfg)})
-    if extra:
-        raise DPOError(f"unknown config key {extra[0]}; check its spelling against vla.dpo.DPOConfig")
-
-
-RESUME_KEYS = ("policy", "preferences", "pairs", "level", "loss_type", "beta", "alpha", "unnorm_key")
-
-
-def _config_record(cfg: DPOConfig) -> dict:
-    return {**asdict(cfg), "policy": str(Path(cfg.policy).resolve()),
-            "preferences": str(Path(cfg.preferences).resolve())}
+# ---- the trainer ----
 
 
 def _open_policy(path: str, unnorm_key: str | None) -> tuple[dict[str, ActionTokenizer], ActionTokenizer]:
@@ -379,26 +257,20 @@ def _open_policy(path: str, unnorm_key: str | None) -> tuple[dict[str, ActionTok
                         ([ACTION_STATS_FILE], "it has no action statistics")):
         if not any((root / name).is_file() for name in names):
             hint = " (a training run: point to its final/)" if (root / "final").is_dir() else ""
-            raise DPOError(f"policy={path} holds no {names[0]}, so {what}; pass the final/ directory written by "
-                           f"scripts/train_sft.py{hint}")
+            raise UsageError(f"policy={path} holds no {names[0]}, so {what}; pass the final/ directory written by "
+                             f"scripts/train_sft.py{hint}")
     try:
         tokenizers = load_action_tokenizers(root)
         return tokenizers, pick_action_tokenizer(tokenizers, unnorm_key)
-    except (KeyError, ValueError) as e:
-        raise DPOError(f"policy={path}: {e.args[0]}") from None
+    except UsageError as e:
+        raise UsageError(f"policy={path}: {e}") from None
 
 
 def _load(path: Path, what: str) -> VLA:
     try:
         return load_model(path)
     except (FileNotFoundError, ValueError) as e:
-        raise DPOError(f"{what}={path}: {e}") from None
-
-
-def _device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise DPOError("device=cuda but no CUDA device is visible; pass device=auto or cpu")
-    return torch.device("cuda" if name != "cpu" and torch.cuda.is_available() else "cpu")
+        raise UsageError(f"{what}={path}: {e}") from None
 
 
 def _train_mode(model: torch.nn.Module) -> torch.nn.Module:
@@ -412,124 +284,92 @@ def _train_mode(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def train_dpo(cfg: DPOConfig) -> dict:
-    """Run DPO as configured (see the module docstring); return the summary also written to summary.json."""
-    _check_known_keys(cfg)
-    t0, out, device = time.perf_counter(), Path(cfg.output_dir), _device(cfg.device)
-    prefs = PreferenceSet(cfg.preferences, cfg.pairs)
-    action_tokenizers, tok = _open_policy(cfg.policy, cfg.unnorm_key)
-    prefs.check_action_tokens(tok)
-    starts = sorted({p["start_index"] for p in prefs.pairs})
-    _, val_starts = split_episodes(len(starts), cfg.val_fraction, cfg.seed)
-    val_set = {starts[i] for i in val_starts}
-    train_pairs = [i for i, p in enumerate(prefs.pairs) if p["start_index"] not in val_set]
-    val_pairs = [i for i, p in enumerate(prefs.pairs) if p["start_index"] in val_set]
-    if len(train_pairs) < cfg.batch_size:
-        raise DPOError(f"{len(train_pairs)} training pairs cannot fill one batch of batch_size={cfg.batch_size}; "
-                       "lower batch_size or val_fraction, or collect more starts")
+class DPO:
+    """DPO as a ``vla.loop.Trainer``: batches of pairs, the DPO objective, TRL's metrics, validation on the pairs of
+    held-out start states."""
 
-    resume_from = check_output_dir(out, cfg.resume, _config_record(cfg), RESUME_KEYS, DPOError)
-    if resume_from is not None and not (out / REFERENCE_FILE).is_file():
-        raise DPOError(f"{out / REFERENCE_FILE} is missing, so {out} cannot resume; choose another output_dir")
-    if resume_from is not None and (out / "summary.json").is_file() \
-            and json.loads((resume_from / STATE_FILE).read_text())["step"] == cfg.steps:
-        tqdm.write(f"{out} already finished {cfg.steps} steps; raise steps to train further")
-        return json.loads((out / "summary.json").read_text())
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    vla = _load(resume_from, "checkpoint") if resume_from else _load(Path(cfg.policy), "policy")
-    model, ids = _train_mode(vla.model.to(device)), slice(tok.token_offset, tok.token_offset + tok.n_bins)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
+    name, rate, resume_keys, resume_files = "dpo", "pairs_per_s", RESUME_KEYS, (REFERENCE_FILE,)
 
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in (out / "checkpoints").glob(".tmp-*"):  # a checkpoint write that a crash interrupted
-        shutil.rmtree(stale)
-    (out / "config.json").write_text(json.dumps(_config_record(cfg), indent=2))
-    if resume_from is None:  # the model is still the reference
-        ref = reference_logps(vla, prefs, ids, device, cfg.ref_batch_frames, autocast)
-        _write_reference(out / REFERENCE_FILE, ref, str(Path(cfg.policy).resolve()), weights_digest(model))
-    ref = _read_reference(out / REFERENCE_FILE, prefs)
+    def __init__(self, cfg: DPOConfig, env: Dist):
+        self.cfg, self.env = cfg, env
+        self.prefs = PreferenceSet(cfg.preferences, cfg.pairs)
+        self.action_tokenizers, tok = _open_policy(cfg.policy, cfg.unnorm_key)
+        self.prefs.check_action_tokens(tok)
+        self.ids = slice(tok.token_offset, tok.token_offset + tok.n_bins)
+        starts = sorted({p["start_index"] for p in self.prefs.pairs})
+        _, val_starts = split_episodes(len(starts), cfg.train.val_fraction, cfg.train.seed)
+        val_set = {starts[i] for i in val_starts}
+        self.train_pairs = [i for i, p in enumerate(self.prefs.pairs) if p["start_index"] not in val_set]
+        self.val_pairs = [i for i, p in enumerate(self.prefs.pairs) if p["start_index"] in val_set]
+        self.window: list[dict] = []  # pair_step outputs since the last log
 
-    # make_optimizer reads lr, weight_decay, warmup_steps, steps and min_lr_ratio, which DPOConfig shares with SFT
-    params, optimizer, scheduler = make_optimizer(model, cfg)
-    position = {"step": 0, "epoch": 0, "batch": 0, "world_size": 1, "samples_seen": 0}
-    if resume_from is not None:
-        position = restore_trainer_state(resume_from, optimizer, scheduler)
-        if position["step"] > cfg.steps:
-            raise DPOError(f"{resume_from} is past steps={cfg.steps}; raise steps to continue")
-    sampler = EpochBatchSampler(train_pairs, cfg.batch_size, cfg.seed, 0, 1, position["epoch"], position["batch"])
-    log, start_step = MetricsLogger(out, 0, position["step"]), position["step"]
-    tqdm.write(f"DPO ({cfg.level} level, {cfg.loss_type}, beta {cfg.beta}) on {len(train_pairs)} train / "
-               f"{len(val_pairs)} val pairs; " + (f"resuming from {resume_from}" if resume_from else "fresh start"))
+    def record(self) -> dict:
+        return {**asdict(self.cfg), "policy": str(Path(self.cfg.policy).resolve()),
+                "preferences": str(Path(self.cfg.preferences).resolve())}
 
-    def batch_of(pair_indices: list[int]) -> dict:
-        return pair_batch(prefs, [prefs.pairs[i] for i in pair_indices], cfg.level, vla, ref)
+    def build(self, resume_from: Path | None) -> torch.nn.Module:
+        self.vla = _load(resume_from, "checkpoint") if resume_from else _load(Path(self.cfg.policy), "policy")
+        return _train_mode(self.vla.model.to(self.env.device))
+
+    def items(self) -> list[int]:
+        return self.train_pairs
+
+    def start(self, out: Path, resume_from: Path | None) -> None:
+        if resume_from is None:  # the model is still the reference
+            ref = reference_logps(self.vla, self.prefs, self.ids, self.env.device, self.cfg.ref_batch_frames,
+                                  self.env.autocast)
+            _write_reference(out / REFERENCE_FILE, ref, str(Path(self.cfg.policy).resolve()),
+                             weights_digest(self.vla.model))
+        self.ref = _read_reference(out / REFERENCE_FILE, self.prefs)
+
+    def describe(self) -> str:
+        c = self.cfg
+        return (f"DPO ({c.level} level, {c.loss_type}, beta {c.beta}) on {len(self.train_pairs)} train / "
+                f"{len(self.val_pairs)} val pairs")
+
+    def _batch(self, pair_indices: list[int]) -> dict:
+        return pair_batch(self.prefs, [self.prefs.pairs[i] for i in pair_indices], self.cfg.level, self.vla, self.ref)
+
+    def batches(self, keys) -> Iterator[dict]:
+        return (self._batch([k[2] for k in batch]) for batch in keys)
+
+    def loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
+        with self.env.autocast():
+            result = pair_step(model, batch, self.ids, self.cfg, self.env.device)
+        self.window.append(result)
+        return result["objective"]
+
+    def train_metrics(self) -> dict:
+        metrics, self.window = window_metrics(self.window, self.cfg.alpha), []
+        return metrics
 
     @torch.no_grad()
-    def validate() -> dict:
+    def validate(self, model: torch.nn.Module) -> dict | None:
+        if not self.val_pairs:
+            return None
         model.eval()
-        with autocast():
-            outs = [pair_step(model, batch_of(val_pairs[s : s + cfg.batch_size]), ids, cfg, device)
-                    for s in range(0, len(val_pairs), cfg.batch_size)]
+        size = self.cfg.train.batch_size
+        with self.env.autocast():
+            outs = [pair_step(model, self._batch(self.val_pairs[s : s + size]), self.ids, self.cfg, self.env.device)
+                    for s in range(0, len(self.val_pairs), size)]
         _train_mode(model)
-        return window_metrics(outs, cfg.alpha)
+        return window_metrics(outs, self.cfg.alpha)
 
-    def save(step: int) -> None:
-        state, tensors = trainer_state(optimizer, scheduler, position)
+    def save(self, path: Path) -> None:
+        save_checkpoint(self.vla, self.action_tokenizers, path)
 
-        def write(tmp: Path) -> None:
-            save_checkpoint(vla, action_tokenizers, tmp)
-            save_file(tensors, tmp / STATE_TENSORS)
-            (tmp / STATE_FILE).write_text(json.dumps(state))
+    def summary(self, result: LoopResult) -> dict:
+        c = self.cfg
+        return {"level": c.level, "loss_type": c.loss_type, "beta": c.beta, "alpha": c.alpha, "train": result.train,
+                "val": result.val, "train_pairs": len(self.train_pairs), "val_pairs": len(self.val_pairs),
+                "policy": str(Path(c.policy).resolve()), "preferences": str(self.prefs.root.resolve()),
+                "weights_digest": result.digests[0]}
 
-        with no_hf_progress_bars():
-            write_atomically(out / "checkpoints" / f"step-{step}", write)
-        prune_checkpoints(out / "checkpoints", cfg.keep_last)
 
-    batches, window, window_t, train_metrics, val_metrics = iter(sampler), [], time.perf_counter(), None, None
-    for step in tqdm(range(start_step + 1, cfg.steps + 1), initial=start_step, total=cfg.steps, desc="dpo"):
-        for _ in range(cfg.grad_accum):
-            keys = next(batches)
-            with autocast():
-                result = pair_step(model, batch_of([k[2] for k in keys]), ids, cfg, device)
-            (result["objective"] / cfg.grad_accum).backward()
-            window.append(result)
-        epoch, b = keys[0][0], keys[0][1]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip else None
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        epoch, b = (epoch + 1, 0) if b + 1 == sampler.batches_per_epoch else (epoch, b + 1)
-        position = {"step": step, "epoch": epoch, "batch": b, "world_size": 1,
-                    "samples_seen": position["samples_seen"] + cfg.batch_size * cfg.grad_accum}
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            now = time.perf_counter()
-            train_metrics = {**window_metrics(window, cfg.alpha), "lr": lr,
-                             "pairs_per_s": cfg.batch_size * len(window) / (now - window_t)}
-            if grad_norm is not None:
-                train_metrics["grad_norm"] = grad_norm.item()
-            log(step, "train", train_metrics)
-            window, window_t = [], now
-        if val_pairs and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
-            val_metrics = validate()
-            log(step, "val", val_metrics)
-            window_t = time.perf_counter()
-        if step % cfg.save_every == 0 or step == cfg.steps:
-            save(step)
-            window_t = time.perf_counter()
-
-    with no_hf_progress_bars():
-        write_atomically(out / "final", lambda tmp: save_checkpoint(vla, action_tokenizers, tmp))
-    summary = {
-        "steps": cfg.steps, "resumed_from_step": start_step if resume_from else None, "level": cfg.level,
-        "loss_type": cfg.loss_type, "beta": cfg.beta, "alpha": cfg.alpha, "train": train_metrics, "val": val_metrics,
-        "train_pairs": len(train_pairs), "val_pairs": len(val_pairs), "policy": str(Path(cfg.policy).resolve()),
-        "preferences": str(prefs.root.resolve()), "checkpoint": str(out / "final"), "device": str(device),
-        "seconds": time.perf_counter() - t0, "weights_digest": weights_digest(model),
-    }
-    write_json(out / "summary.json", summary)
-    log.close()
-    tqdm.write(f"wrote {out / 'final'} and {out / 'summary.json'}")
-    return summary
+def train_dpo(cfg: DPOConfig) -> dict:
+    """Run DPO as configured (see the module docstring); return the summary also written to summary.json."""
+    require(cfg, "policy", "preferences", "output_dir")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UsageError("DPO runs in one process; start scripts/train_dpo.py with python, not torchrun")
+    with distributed(cfg.train.device) as env:
+        return run(DPO(cfg, env), cfg.train, Path(cfg.output_dir), cfg.resume, env)

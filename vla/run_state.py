@@ -1,5 +1,5 @@
-"""A run directory's state: trainer state for exact resume (safetensors + JSON, no pickles), the latest complete
-checkpoint, and the check that a new run never overwrites an old one. Shared by SFT (vla/train.py) and DPO (vla/dpo.py)."""
+"""A run directory's state for vla/loop.py: trainer state for exact resume (safetensors + JSON, no pickles), the
+latest complete checkpoint, and the check that a new run never overwrites an old one."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 from transformers.utils import logging as hf_logging
+
+from store.errors import UsageError
 
 STATE_FILE = "trainer_state.json"
 STATE_TENSORS = "trainer_state.safetensors"
@@ -102,17 +104,17 @@ def prune_checkpoints(checkpoints: Path, keep: int) -> None:
         shutil.rmtree(path)
 
 
-def check_output_dir(out: Path, resume: bool, record: dict, keys: tuple[str, ...], error: type = ValueError) -> Path | None:
-    """The checkpoint to resume from (None: start fresh). Raise `error` if `out` holds a run that must not be
+def check_output_dir(out: Path, resume: bool, record: dict, keys: tuple[str, ...]) -> Path | None:
+    """The checkpoint to resume from (None: start fresh). Raise UsageError if `out` holds a run that must not be
     overwritten (no resume) or that was trained with other values of `keys` than `record` (resume)."""
     held = [p.name for p in (out / "checkpoints", out / "final", out / "summary.json") if p.exists()]
     if held and not resume:
-        raise error(f"{out} already holds a run ({', '.join(held)}); pass resume=true to continue or choose "
-                    "another output_dir")
+        raise UsageError(f"{out} already holds a run ({', '.join(held)}); pass resume=true to continue or choose "
+                         "another output_dir")
     if resume and (out / "config.json").is_file():
         before = json.loads((out / "config.json").read_text())
         for key in keys:
             if before.get(key) != record[key]:
-                raise error(f"resume=true but {out} was trained with {key}={before.get(key)}, not {record[key]}; "
-                            "resume with the same settings, or choose another output_dir")
+                raise UsageError(f"resume=true but {out} was trained with {key}={before.get(key)}, not "
+                                 f"{record[key]}; resume with the same settings, or choose another output_dir")
     return latest_checkpoint(out / "checkpoints") if resume else None

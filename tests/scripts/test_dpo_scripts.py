@@ -30,8 +30,9 @@ from vla.action_tokenizer import ActionTokenizer
 from vla.checkpoint import save_checkpoint
 from store.lerobot import LeRobotDataset
 from store.validate import validate_dataset
-from vla.dpo import PAIRS_FILE, ROLLOUTS_FILE, DPOConfig
-from vla.dpo import register_configs as register_dpo
+from harness.cli import register_configs as register_dpo
+from store.preferences import PAIRS_FILE, ROLLOUTS_FILE
+from vla.dpo import DPOConfig
 from vla.inputs import PROMPT_TEMPLATE
 from vla.model import VLAModelConfig, build_vla
 from vla.policy import VLAPolicy
@@ -200,15 +201,15 @@ def test_configs_compose_to_the_schema_defaults():
 @pytest.mark.slow
 def test_train_dpo_script_starts_at_log_2_resumes_and_writes_a_policy(prefs, policy_dir, tmp_path):
     out = tmp_path / "dpo"
-    args = [f"policy={policy_dir}", f"preferences={prefs}", f"output_dir={out}", "batch_size=1", "val_fraction=0",
-            "warmup_steps=0", "log_every=1", "save_every=1", "lr=1e-3"]
-    done = run_script("train_dpo.py", *args, "steps=2")
+    args = [f"policy={policy_dir}", f"preferences={prefs}", f"output_dir={out}", "train.batch_size=1",
+            "train.val_fraction=0", "train.warmup_steps=0", "train.log_every=1", "train.save_every=1", "train.lr=1e-3"]
+    done = run_script("train_dpo.py", *args, "train.steps=2")
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == f"wrote {out / 'final'} and {out / 'summary.json'}"
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["step"] == 1 and rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference
 
-    more = run_script("train_dpo.py", *args, "steps=3", "resume=true")
+    more = run_script("train_dpo.py", *args, "train.steps=3", "resume=true")
     assert more.returncode == 0, more.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["resumed_from_step"] == 2

@@ -1,4 +1,4 @@
-"""Tests for scripts/train_sft.py and its Hydra configs: composition, type checks, the script, torchrun DDP."""
+"""Tests for scripts/train_sft.py (through harness.cli) and its Hydra configs: composition, type checks, the script, torchrun DDP."""
 
 import json
 import os
@@ -20,14 +20,8 @@ from store.writer import DatasetWriter
 from store.lerobot import Episode
 from vla.model import VLAModelConfig
 from vla.run_state import weights_digest
-from vla.train import (
-    ModelConfig,
-    SFTConfig,
-    SFTError,
-    TrainConfig,
-    register_configs,
-    train,
-)
+from harness.cli import register_configs, run
+from vla.sft import ModelConfig, SFTConfig, TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[2]
 TINY_RUN = ["model=tiny", "train.batch_size=4", "train.warmup_steps=1", "train.log_every=1", "train.eval_every=2"]
@@ -93,10 +87,14 @@ def test_unknown_keys_and_wrong_types_fail_at_composition(override, match):
 
 
 def test_a_key_added_with_plus_is_refused_before_any_work(tmp_path):
-    cfg = compose_sft("+train.stepz=3")  # Hydra's "+" opens the struct flag, so composition lets it through
-    cfg.dataset, cfg.output_dir = str(tmp_path / "no-dataset"), str(tmp_path / "run")
-    with pytest.raises(SFTError, match="unknown config key train.stepz"):
-        train(cfg)
+    register_configs()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        # Hydra's "+" opens the struct flag, so composition lets it through
+        cfg = compose("train_sft", overrides=[f"dataset={tmp_path / 'no-dataset'}", f"output_dir={tmp_path / 'run'}",
+                                              "+train.stepz=3"])
+    refused = r"error: unknown config key train\.stepz; .*\(vla\.sft\.SFTConfig lists every key\)"
+    with pytest.raises(SystemExit, match=refused):
+        run(train, cfg)
     assert not (tmp_path / "run").exists()
 
 

@@ -4,7 +4,7 @@ and real DPO runs of a tiny model on a tiny synthetic preference set (no simulat
 import json
 import math
 import shutil
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -14,16 +14,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from store.errors import UsageError
+from store.preferences import PAIRS_FILE, ROLLOUTS_FILE, PreferenceSet
 from vla.action_tokenizer import ActionTokenizer
 from vla.checkpoint import save_checkpoint
 from store.writer import DatasetWriter
 from store.lerobot import Episode
 from vla.dpo import (
-    PAIRS_FILE,
-    ROLLOUTS_FILE,
     DPOConfig,
-    DPOError,
-    PreferenceSet,
     action_logps,
     dpo_loss,
     dpo_metrics,
@@ -34,6 +32,7 @@ from vla.dpo import (
     train_dpo,
 )
 from vla.inputs import PROMPT_TEMPLATE, build_inputs
+from vla.loop import LoopConfig
 from vla.model import VLAModelConfig, build_vla, load_model
 from vla.policy import VLAPolicy
 from vla.run_state import weights_digest
@@ -182,9 +181,12 @@ def prefs_dir(tmp_path_factory, policy_dir) -> Path:
 
 
 def make_cfg(policy_dir: Path, prefs_dir: Path, out: Path, **kw) -> DPOConfig:
-    defaults = {"steps": 4, "batch_size": 2, "warmup_steps": 1, "lr": 3e-3, "log_every": 1, "save_every": 2,
-                "eval_every": 2, "val_fraction": 0.25}
-    return DPOConfig(policy=str(policy_dir), preferences=str(prefs_dir), output_dir=str(out), **{**defaults, **kw})
+    """A DPOConfig; keyword arguments that name loop keys (steps, batch_size, ...) go into its ``train``."""
+    loop = {"steps": 4, "batch_size": 2, "warmup_steps": 1, "lr": 3e-3, "log_every": 1, "save_every": 2,
+            "eval_every": 2, "val_fraction": 0.25}
+    loop.update({k: kw.pop(k) for k in list(kw) if k in {f.name for f in fields(LoopConfig)}})
+    return DPOConfig(policy=str(policy_dir), preferences=str(prefs_dir), output_dir=str(out),
+                     train=replace(DPOConfig().train, **loop), **kw)
 
 
 def read_metrics(out: Path, split: str = "train") -> list[dict]:
@@ -247,22 +249,22 @@ def test_resume_reproduces_the_uninterrupted_run(policy_dir, prefs_dir, tmp_path
 
 def test_bad_inputs_fail_with_a_message_before_anything_is_written(policy_dir, prefs_dir, tmp_path):
     out = tmp_path / "run"
-    with pytest.raises(DPOError, match=r"preferences=.*nope does not exist; collect it with scripts/collect_pref"):
+    with pytest.raises(UsageError, match=r"preferences=.*nope does not exist; collect it with scripts/collect_pref"):
         train_dpo(make_cfg(policy_dir, tmp_path / "nope", out))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DPOError, match=r"policy=.*empty holds no config.json"):
+    with pytest.raises(UsageError, match=r"policy=.*empty holds no config.json"):
         train_dpo(make_cfg(tmp_path / "empty", prefs_dir, out))
-    with pytest.raises(DPOError, match="holds no pairs.parquet"):
+    with pytest.raises(UsageError, match="holds no pairs.parquet"):
         train_dpo(make_cfg(policy_dir, tmp_path / "empty", out))
-    with pytest.raises(DPOError, match="loss_type='kto' must be one of"):
+    with pytest.raises(UsageError, match="loss_type='kto' must be one of"):
         make_cfg(policy_dir, prefs_dir, out, loss_type="kto")
-    with pytest.raises(DPOError, match="2 training pairs cannot fill one batch of batch_size=3"):
+    with pytest.raises(UsageError, match="2 training examples cannot fill one batch of train.batch_size=3"):
         train_dpo(make_cfg(policy_dir, prefs_dir, out, batch_size=3, val_fraction=0.5))
     assert not out.exists()
     train_dpo(make_cfg(policy_dir, prefs_dir, out, steps=1, warmup_steps=0, save_every=1))
-    with pytest.raises(DPOError, match="already holds a run"):
+    with pytest.raises(UsageError, match="already holds a run"):
         train_dpo(make_cfg(policy_dir, prefs_dir, out, steps=1, warmup_steps=0))
-    with pytest.raises(DPOError, match="resume=true but .* was trained with beta=0.1, not 0.2"):
+    with pytest.raises(UsageError, match="resume=true but .* was trained with beta=0.1, not 0.2"):
         train_dpo(make_cfg(policy_dir, prefs_dir, out, steps=2, warmup_steps=0, beta=0.2, resume=True))
 
 
@@ -272,9 +274,9 @@ def test_pairs_chosen_success_trains_on_the_pairs_whose_chosen_succeeded(policy_
     summary = train_dpo(make_cfg(policy_dir, prefs_dir, tmp_path / "run", pairs="chosen_success", steps=1,
                                  warmup_steps=0, val_fraction=0.0))
     assert summary["train_pairs"] == 3
-    with pytest.raises(DPOError, match="pairs='best' must be one of"):
+    with pytest.raises(UsageError, match="pairs='best' must be one of"):
         make_cfg(policy_dir, prefs_dir, tmp_path / "other", pairs="best")
     failed = write_prefs(tmp_path / "failed", policy_dir, lengths=((3, 2),))  # its one chosen rollout failed
-    with pytest.raises(DPOError, match="holds no pair whose chosen rollout succeeded; pass pairs=all"):
+    with pytest.raises(UsageError, match="holds no pair whose chosen rollout succeeded; pass pairs=all"):
         train_dpo(make_cfg(policy_dir, failed, tmp_path / "other", pairs="chosen_success"))
     assert not (tmp_path / "other").exists()

@@ -1,4 +1,4 @@
-"""Tests for vla/train.py: real SFT runs of a tiny model on a tiny synthetic dataset whose actions can be learned."""
+"""Tests for vla/sft.py, vla/data.py and vla/loop.py: real SFT runs of a tiny model on a tiny synthetic dataset whose actions can be learned."""
 
 import json
 import shutil
@@ -11,26 +11,16 @@ import torch
 
 from vla.action_tokenizer import ActionTokenizer
 from vla.checkpoint import load_checkpoint
+from store.errors import UsageError
 from store.lerobot import DatasetError, Episode
 from store.writer import DatasetWriter
 from vla.inputs import PROMPT_TEMPLATE, build_inputs, model_inputs
 from vla.model import ARCHITECTURES, build_vla, load_model
 from vla.run_state import latest_checkpoint, weights_digest
 from vla.text_tokenizer import action_token_offset, build_tokenizer
-from vla.train import (
-    BRIGHTNESS,
-    SHIFT,
-    EpochBatchSampler,
-    ModelConfig,
-    SFTConfig,
-    SFTError,
-    TrainConfig,
-    action_logits,
-    action_loss,
-    augment_images,
-    split_episodes,
-    train,
-)
+from vla.data import BRIGHTNESS, SHIFT, augment_images
+from vla.loop import EpochBatchSampler, split_episodes
+from vla.sft import ModelConfig, SFTConfig, TrainConfig, action_logits, action_loss, train
 
 ACTION_NAMES = ["dx", "dy", "dz", "droll", "dpitch", "dyaw", "gripper"]
 INSTRUCTIONS = ["move the gripper left", "move the gripper right"]
@@ -110,7 +100,7 @@ def test_sampler_shards_each_epoch_and_restarts_at_a_position():
         assert {key[:2] for batch in ranks[0][2 * epoch : 2 * epoch + 2] for key in batch} == {(epoch, 0), (epoch, 1)}
     assert ranks[0][:2] != [[(1, b, f) for _, b, f in batch] for batch in ranks[0][2:]]  # reshuffled per epoch
     assert take(EpochBatchSampler(frames, 4, seed=1, rank=0, world=2, start_epoch=1, start_batch=1), 1) == [ranks[0][3]]
-    with pytest.raises(SFTError, match="cannot fill one batch"):
+    with pytest.raises(UsageError, match="cannot fill one batch"):
         EpochBatchSampler(frames, 16, seed=1, rank=0, world=2)
 
 
@@ -199,7 +189,7 @@ def test_latest_checkpoint_ignores_tmp_and_incomplete(tmp_path):
     ({"device": "tpu"}, "not one of auto, cpu, cuda"),
 ])
 def test_train_config_validation(train, match):
-    with pytest.raises(SFTError, match=match):
+    with pytest.raises(UsageError, match=match):
         TrainConfig(**train)
 
 
@@ -265,11 +255,11 @@ def test_an_existing_run_is_never_overwritten(dataset, tmp_path):
     out = tmp_path / "run"
     train(make_cfg(dataset, out, steps=2, save_every=2))
     before = snapshot(out)
-    with pytest.raises(SFTError, match="already holds a run.*pass resume=true to continue or choose another"):
+    with pytest.raises(UsageError, match="already holds a run.*pass resume=true to continue or choose another"):
         train(make_cfg(dataset, out, steps=2, save_every=2))
     other = make_cfg(dataset, out, steps=2, save_every=2)
     other.model.text_layers = 1
-    with pytest.raises(SFTError, match="resume=true but .* was trained with model="):
+    with pytest.raises(UsageError, match="resume=true but .* was trained with model="):
         train(replace(other, resume=True))
     assert snapshot(out) == before
 
@@ -315,7 +305,7 @@ def _bad_pretrained(kind: str, root: Path) -> Path:
 def test_bad_pretrained_directories(dataset, tmp_path, kind, match):
     cfg = make_cfg(dataset, tmp_path / "run")
     cfg.model = ModelConfig(pretrained=str(_bad_pretrained(kind, tmp_path)))
-    with pytest.raises(SFTError, match=match):
+    with pytest.raises(UsageError, match=match):
         train(cfg)
     assert not (tmp_path / "run").exists()
 

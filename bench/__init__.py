@@ -1,0 +1,1 @@
+"""Benchmarks and probes: policy latency, SFT throughput, vision and heading probes; scripts/benchmark.py runs them."""

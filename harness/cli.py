@@ -1,0 +1,53 @@
+"""The one helper every script shell uses: the Hydra schemas in one place, and ``run(fn, cfg)``.
+
+``run`` turns the composed config into its dataclass (whose ``__post_init__`` checks the values), refuses keys that
+Hydra's ``+key=value`` slipped past the schema, calls ``fn`` and turns a ``UsageError`` into one line,
+``error: <message>``, and exit status 1. Any other exception is a bug and shows its traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from dataclasses import fields, is_dataclass
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf
+
+from store.errors import UsageError
+from vla.dpo import DPOConfig
+from vla.sft import SFTConfig
+
+SCHEMAS = {"sft_schema": SFTConfig, "dpo_schema": DPOConfig}  # the name conf/*.yaml gives each schema
+
+
+def register_configs() -> None:
+    """Register every schema in Hydra's ConfigStore, under the names the defaults lists of conf/ use."""
+    for name, node in SCHEMAS.items():
+        ConfigStore.instance().store(name=name, node=node)
+
+
+def check_known_keys(cfg: Any, prefix: str = "", root: type | None = None) -> None:
+    """Refuse attributes that no dataclass field declares, at any depth (OmegaConf sets a ``+key`` as one)."""
+    root = root or type(cfg)
+    extra = sorted(set(vars(cfg)) - {f.name for f in fields(cfg)})
+    if extra:
+        raise UsageError(f"unknown config key {prefix}{extra[0]}; check its spelling against conf/ "
+                         f"({root.__module__}.{root.__qualname__} lists every key)")
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if is_dataclass(value):
+            check_known_keys(value, f"{prefix}{f.name}.", root)
+
+
+def run(fn: Callable[[Any], Any], cfg: DictConfig) -> Any:
+    """``fn`` of the config object, with every input problem reported as one line (see the module docstring)."""
+    try:
+        obj = OmegaConf.to_object(cfg)
+        check_known_keys(obj)
+        return fn(obj)
+    except MissingMandatoryValue as e:
+        sys.exit(f"error: {e.full_key} is required; pass {e.full_key}=PATH")
+    except UsageError as e:
+        sys.exit(f"error: {e}")

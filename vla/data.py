@@ -1,0 +1,84 @@
+"""SFT's data: the frames of a LeRobot dataset as tokenized training examples, batched and (optionally) augmented."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from store.lerobot import DatasetError, LeRobotDataset
+from vla.action_tokenizer import ActionTokenizer
+from vla.inputs import build_inputs
+from vla.loop import AUGMENT, seed_of
+from vla.model import VLA
+
+SHIFT, BRIGHTNESS, CONTRAST = 0.06, 0.15, 0.15  # augmentation: max shift (fraction of the side), jitter ranges
+
+
+def open_dataset(path: str, features: tuple[str, ...] = ("action",)) -> LeRobotDataset:
+    """The dataset at ``path``, checked for what training needs: q01/q99 of ``features`` in meta/stats.json."""
+    root = Path(path)
+    if not root.is_dir():
+        raise DatasetError(f"dataset={path} does not exist; generate it with scripts/generate_demos.py or fix the path")
+    ds = LeRobotDataset(root)
+    for feature in features:
+        missing = [k for k in ("q01", "q99") if k not in ds.stats.get(feature, {})]
+        if missing:
+            raise DatasetError(f"{root / 'meta/stats.json'} has no {feature} {'/'.join(missing)}; "
+                               "regenerate the dataset (store.writer.DatasetWriter writes them)")
+    return ds
+
+
+class FrameDataset(Dataset):
+    """Frames of a LeRobotDataset with their action token ids; indexed by (epoch, batch, frame) keys."""
+
+    def __init__(self, ds: LeRobotDataset, action_tokenizer: ActionTokenizer):
+        self.ds = ds
+        self.actions = ds.columns["action"].astype(np.float32)  # (N, D)
+        self.action_ids = action_tokenizer.encode(self.actions)  # (N, D)
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, key: tuple[int, int, int]) -> dict:
+        frame = key[2]
+        item = self.ds[frame]
+        return {"key": key, "image": item["image"], "instruction": item["instruction"], "state": item["state"],
+                "action_ids": self.action_ids[frame], "action": self.actions[frame]}
+
+
+def augment_images(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Random shift (replicate-pad, random crop back) and brightness/contrast jitter of uint8 (B, H, W, 3) images."""
+    B, H, W, _ = images.shape
+    x = images.permute(0, 3, 1, 2).float()  # (B, 3, H, W)
+    pad = max(1, round(SHIFT * max(H, W)))
+    padded = F.pad(x, (pad, pad, pad, pad), mode="replicate")  # (B, 3, H + 2 pad, W + 2 pad)
+    dy, dx = torch.randint(0, 2 * pad + 1, (2, B), generator=generator).tolist()
+    x = torch.stack([padded[b, :, dy[b] : dy[b] + H, dx[b] : dx[b] + W] for b in range(B)])
+    contrast = 1 + CONTRAST * (2 * torch.rand(B, 1, 1, 1, generator=generator) - 1)
+    brightness = 255 * BRIGHTNESS * (2 * torch.rand(B, 1, 1, 1, generator=generator) - 1)
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    x = (x - mean) * contrast + mean + brightness
+    return x.clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+
+
+class Collator:
+    """Frames -> a ``build_inputs`` batch plus ``actions`` (B, D) float; the augmentation of a batch is seeded by its
+    (epoch, batch) key and the rank."""
+
+    def __init__(self, vla: VLA, seed: int, rank: int, augment: bool):
+        self.vla, self.seed, self.rank, self.augment = vla, seed, rank, augment
+
+    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        epoch, b, _ = items[0]["key"]
+        images = torch.from_numpy(np.stack([it["image"] for it in items]))  # (B, H, W, 3)
+        if self.augment:
+            generator = torch.Generator().manual_seed(seed_of(self.seed, AUGMENT, epoch, b, self.rank))
+            images = augment_images(images, generator)
+        batch = build_inputs(self.vla, images, [it["instruction"] for it in items],
+                             np.stack([it["action_ids"] for it in items]), np.stack([it["state"] for it in items]))
+        batch["actions"] = torch.from_numpy(np.stack([it["action"] for it in items]))
+        return batch
