@@ -1,4 +1,5 @@
-"""The whole SFT loop vs a naive ``transformers`` forward/backward, side by side: ``scripts/benchmark.py --only train``."""
+"""The whole SFT loop vs a naive ``transformers`` forward/backward, side by side (``scripts/benchmark.py --only
+train``)."""
 
 from __future__ import annotations
 

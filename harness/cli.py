@@ -7,6 +7,7 @@ Hydra's ``+key=value`` slipped past the schema, calls ``fn`` and turns a ``Usage
 
 from __future__ import annotations
 
+import importlib
 import sys
 from collections.abc import Callable
 from dataclasses import fields, is_dataclass
@@ -16,16 +17,25 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf
 
 from store.errors import UsageError
-from vla.dpo import DPOConfig
-from vla.sft import SFTConfig
 
-SCHEMAS = {"sft_schema": SFTConfig, "dpo_schema": DPOConfig}  # the name conf/*.yaml gives each schema
+# Every schema, under the name the defaults lists of conf/*.yaml give it, and where it is defined. A schema's module
+# is imported when it is registered, so that a script (and each of its spawned workers, which import the script
+# again) loads only what it runs: demo generation never loads torch.
+SCHEMAS = {
+    "generate_demos_schema": "tasks.demos:DemoConfig",
+    "sft_schema": "vla.sft:SFTConfig",
+    "evaluate_schema": "harness.evaluate:EvalConfig",
+    "collect_preferences_schema": "harness.preferences:CollectConfig",
+    "dpo_schema": "vla.dpo:DPOConfig",
+    "pipeline_schema": "harness.pipeline:PipelineConfig",
+}
 
 
-def register_configs() -> None:
-    """Register every schema in Hydra's ConfigStore, under the names the defaults lists of conf/ use."""
-    for name, node in SCHEMAS.items():
-        ConfigStore.instance().store(name=name, node=node)
+def register_configs(*names: str) -> None:
+    """Register the schemas ``names`` (every one when none is given) in Hydra's ConfigStore."""
+    for name in names or SCHEMAS:
+        module, attr = SCHEMAS[name].split(":")
+        ConfigStore.instance().store(name=name, node=getattr(importlib.import_module(module), attr))
 
 
 def check_known_keys(cfg: Any, prefix: str = "", root: type | None = None) -> None:

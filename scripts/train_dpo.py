@@ -17,5 +17,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    register_configs()
+    register_configs("dpo_schema")
     main()

@@ -21,5 +21,5 @@ def main(cfg: DictConfig) -> None:
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # DataLoader workers fork after BPE training
-    register_configs()
+    register_configs("sft_schema")
     main()

@@ -6,19 +6,17 @@ data; the callers sort what comes back.
 
 Ray: ``ray.init()`` joins the cluster named by ``RAY_ADDRESS`` (``ray start --head`` on one node, ``ray start
 --address=HEAD:6379`` on the others), or starts a local instance with ``workers`` CPUs when there is none. Every
-node needs this package installed at the same path (or a ``runtime_env``); the driver's ``sys.path`` is passed on
-so that the ``scripts/`` modules import there too.
+node needs this package installed (``pip install -e .``): the worker functions live in its modules
+(``tasks.demos``, ``tasks.evaluation``, ``harness.preferences``), so Ray sends them by name, and each actor keeps
+its per-process state (environments, policy) from one job to the next.
 """
 
 from __future__ import annotations
 
-import importlib
 import multiprocessing as mp
 import os
-import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 from store.errors import UsageError
 
@@ -67,24 +65,11 @@ class _Actor:
 
 
 def init_ray(num_cpus: int | None = None) -> None:
-    """Join the cluster at ``RAY_ADDRESS``, or start a local Ray with ``num_cpus``; workers get this ``sys.path``."""
+    """Join the cluster at ``RAY_ADDRESS``, or start a local Ray with ``num_cpus``."""
     import ray
 
-    path = os.pathsep.join(p for p in sys.path if p and os.path.isdir(p))
     ray.init(num_cpus=None if os.environ.get("RAY_ADDRESS") else num_cpus, include_dashboard=False,
-             log_to_driver=False, runtime_env={"env_vars": {"PYTHONPATH": path}})
-
-
-def _by_reference(fn: Callable | None) -> Callable | None:
-    """A function of the running script, as the same function of the script imported as a module.
-
-    Ray pickles ``__main__`` functions by value, each call with its own copy of the globals they use, so a worker's
-    per-process state (its environments, its policy) would not outlive one job; a module function travels by name.
-    """
-    if fn is None or getattr(fn, "__module__", None) != "__main__":
-        return fn
-    module = importlib.import_module(Path(sys.modules["__main__"].__file__).stem)
-    return getattr(module, fn.__qualname__)
+             log_to_driver=False)
 
 
 @contextmanager
@@ -96,12 +81,11 @@ def _ray_pool(workers: int, initializer: Callable | None, initargs: tuple) -> It
     if started:
         init_ray(workers)
     actor = ray.remote(num_cpus=1)(_Actor)
-    actors = [actor.remote(_by_reference(initializer), initargs) for _ in range(workers)]
+    actors = [actor.remote(initializer, initargs) for _ in range(workers)]
     try:
         pool = ActorPool(actors)
 
         def map_unordered(fn: Callable, jobs: Iterable) -> Iterator:
-            fn = _by_reference(fn)
             return pool.map_unordered(lambda a, job: a.run.remote(fn, job), list(jobs))
 
         yield map_unordered

@@ -1,4 +1,5 @@
-"""Tests for scripts/train_sft.py (through harness.cli) and its Hydra configs: composition, type checks, the script, torchrun DDP."""
+"""Tests for scripts/train_sft.py (through harness.cli) and its Hydra configs: composition, type checks, the script,
+torchrun DDP."""
 
 import json
 import os

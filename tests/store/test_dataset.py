@@ -230,9 +230,8 @@ def test_compute_stats_known_values():
 
 def test_cli_exit_codes(dataset_root: Path):
     cmd = [sys.executable, str(REPO / "scripts/validate_dataset.py"), str(dataset_root)]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    ok = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    ok = subprocess.run(cmd, capture_output=True, text=True)
     assert ok.returncode == 0 and "OK" in ok.stdout, ok.stderr
     (dataset_root / "meta/stats.json").unlink()
-    bad = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    bad = subprocess.run(cmd, capture_output=True, text=True)
     assert bad.returncode == 1 and "stats.json is missing" in bad.stdout

@@ -3,22 +3,18 @@ the local backend for the same arguments."""
 
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
+from harness.policies import PolicySpec
 from store.errors import UsageError
-
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "scripts"))
-
-from generate_demos import DemoConfig, generate  # noqa: E402
-from policy_factory import PolicySpec  # noqa: E402
-
-from tasks.evaluation import evaluate_manifest  # noqa: E402
-from tasks.parallel import check_backend, worker_pool  # noqa: E402
-from tasks.suites import build_manifest  # noqa: E402
+from tasks.demos import DemoConfig, generate
+from tasks.evaluation import evaluate_manifest
+from tasks.parallel import check_backend, init_ray, worker_pool
+from tasks.suites import build_manifest
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'tabletop-vla[ray]'); backend=ray untested")
 pytestmark = pytest.mark.slow
@@ -26,10 +22,11 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    from tasks.parallel import init_ray
-
     init_ray(2)
+    # Ray sends functions by name, and a test module is not importable in its workers: send this one's by value.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     yield
+    ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
     ray.shutdown()
 
 
@@ -42,8 +39,6 @@ def _digest(root: Path) -> str:
 
 
 def _square(x: int) -> tuple[int, int]:
-    import os
-
     return x * x, os.getpid()
 
 
@@ -52,7 +47,7 @@ def test_ray_pool_runs_every_job_on_two_actors(ray_cluster):
         results = list(run_jobs(_square, range(12)))
     assert sorted(r for r, _ in results) == [x * x for x in range(12)]
     pids = {pid for _, pid in results}
-    assert len(pids) == 2 and all(pid != __import__("os").getpid() for pid in pids)
+    assert len(pids) == 2 and all(pid != os.getpid() for pid in pids)
 
 
 def test_ray_demos_equal_local_demos(ray_cluster, tmp_path):

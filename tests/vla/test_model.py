@@ -1,4 +1,5 @@
-"""Tests for vla/text_tokenizer.py, vla/model.py, vla/film.py and vla/inputs.py on tiny random-weight models of both architectures."""
+"""Tests for vla/text_tokenizer.py, vla/model.py, vla/film.py and vla/inputs.py on tiny random-weight models of every
+architecture."""
 
 import json
 from copy import deepcopy

@@ -1,4 +1,5 @@
-"""Tests for vla/policy.py and vla/decoding.py: decoding checked token by token against teacher-forced Hugging Face forwards."""
+"""Tests for vla/policy.py and vla/decoding.py: decoding checked token by token against teacher-forced Hugging Face
+forwards."""
 
 import copy
 

@@ -1,4 +1,5 @@
-"""Tests for vla/sft.py, vla/data.py and vla/loop.py: real SFT runs of a tiny model on a tiny synthetic dataset whose actions can be learned."""
+"""Tests for vla/sft.py, vla/data.py and vla/loop.py: real SFT runs of a tiny model on a tiny synthetic dataset whose
+actions can be learned."""
 
 import json
 import shutil

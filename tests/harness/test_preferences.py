@@ -1,5 +1,5 @@
-"""Tests for scripts/collect_preferences.py and scripts/train_dpo.py: a tiny preference set collected in the
-simulator with a tiny random VLA, DPO steps on it, resume, configs and one-line errors."""
+"""Tests for harness/preferences.py (scripts/collect_preferences.py) and scripts/train_dpo.py: a tiny preference set
+collected in the simulator with a tiny random VLA, DPO steps on it, resume, configs and one-line errors."""
 
 import json
 import math
@@ -17,26 +17,25 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "scripts"))
-
-import collect_preferences
-from collect_preferences import CollectConfig, collect, start_states
-
+from harness import preferences
+from harness.cli import register_configs
+from harness.preferences import CollectConfig, collect, start_states
+from store.errors import UsageError
+from store.lerobot import LeRobotDataset
+from store.preferences import PAIRS_FILE, ROLLOUTS_FILE
+from store.validate import validate_dataset
 from tasks import get_task, make_env
 from tasks.judge import JudgeWeights
 from tasks.suites import SUITES
 from vla.action_tokenizer import ActionTokenizer
 from vla.checkpoint import save_checkpoint
-from store.lerobot import LeRobotDataset
-from store.validate import validate_dataset
-from harness.cli import register_configs as register_dpo
-from store.preferences import PAIRS_FILE, ROLLOUTS_FILE
 from vla.dpo import DPOConfig
 from vla.inputs import PROMPT_TEMPLATE
 from vla.model import VLAModelConfig, build_vla
 from vla.policy import VLAPolicy
 from vla.text_tokenizer import action_token_offset, build_tokenizer
+
+ROOT = Path(__file__).resolve().parents[2]
 
 TINY = {"image_size": 32, "patch_size": 16, "vision_hidden_size": 32, "vision_layers": 1, "vision_heads": 2,
         "vision_intermediate_size": 64, "text_hidden_size": 32, "text_layers": 2, "text_heads": 2,
@@ -103,7 +102,7 @@ def test_collect_writes_rollouts_pairs_and_a_summary(prefs):
     summary = json.loads((prefs / "summary.json").read_text())
     assert (summary["starts"], summary["rollouts"], summary["pairs"]) == (2, 4, len(pairs))
     assert sum(summary["pair_axis"].values()) == len(pairs)
-    assert not (prefs / collect_preferences.STAGING).exists()
+    assert not (prefs / preferences.STAGING).exists()
 
 
 def test_rollouts_of_a_start_begin_identically_and_sample_differently(prefs):
@@ -117,26 +116,26 @@ def test_rollouts_of_a_start_begin_identically_and_sample_differently(prefs):
 
 
 def test_an_interrupted_collection_resumes_to_the_same_result(prefs, policy_dir, tmp_path, monkeypatch):
-    out, judge_start, run_start = tmp_path / "prefs", collect_preferences.judge_start, collect_preferences._run_start
+    out, judge_start, run_start = tmp_path / "prefs", preferences.judge_start, preferences._run_start
 
     def crash_on_second(cfg, start, runs, budget):
         if start["index"] == 1:
             raise KeyboardInterrupt
         return judge_start(cfg, start, runs, budget)
 
-    monkeypatch.setattr(collect_preferences, "judge_start", crash_on_second)
+    monkeypatch.setattr(preferences, "judge_start", crash_on_second)
     with pytest.raises(KeyboardInterrupt):
         collect(collect_cfg(policy_dir, out))
-    monkeypatch.setattr(collect_preferences, "judge_start", judge_start)
+    monkeypatch.setattr(preferences, "judge_start", judge_start)
     ran = []
-    monkeypatch.setattr(collect_preferences, "_run_start", lambda start: ran.append(start["index"]) or run_start(start))
+    monkeypatch.setattr(preferences, "_run_start", lambda start: ran.append(start["index"]) or run_start(start))
     collect(collect_cfg(policy_dir, out))
     assert ran == [1]  # the finished start was skipped
     for name in (ROLLOUTS_FILE, PAIRS_FILE):
         assert table(out / name) == table(prefs / name)
     assert collect(collect_cfg(policy_dir, out)) == json.loads((out / "summary.json").read_text())  # complete
     assert ran == [1]
-    with pytest.raises(Exception, match="holds a different dataset"):
+    with pytest.raises(UsageError, match="holds a different dataset"):
         collect(replace(collect_cfg(policy_dir, out), temperature=0.5))
 
 
@@ -155,15 +154,15 @@ def test_worker_processes_change_nothing(prefs, policy_dir, tmp_path):
 
 
 def test_collect_config_checks_values():
-    with pytest.raises(ValueError, match="reports no action tokens"):
+    with pytest.raises(UsageError, match="reports no action tokens"):
         CollectConfig(policy="expert", output_dir="x")
-    with pytest.raises(ValueError, match="temperature=0.0 must be > 0"):
+    with pytest.raises(UsageError, match="temperature=0.0 must be > 0"):
         CollectConfig(policy="p", output_dir="x", temperature=0.0)
-    with pytest.raises(ValueError, match=r"top_p=0.0 must lie in \(0, 1\]"):
+    with pytest.raises(UsageError, match=r"top_p=0.0 must lie in \(0, 1\]"):
         CollectConfig(policy="p", output_dir="x", top_p=0.0)
-    with pytest.raises(ValueError, match="rollouts_per_start=1 must be >= 2"):
+    with pytest.raises(UsageError, match="rollouts_per_start=1 must be >= 2"):
         CollectConfig(policy="p", output_dir="x", rollouts_per_start=1)
-    with pytest.raises(ValueError, match="leaves the 1000000 training seeds"):
+    with pytest.raises(UsageError, match="leaves the 1000000 training seeds"):
         CollectConfig(policy="p", output_dir="x", seed_offset=999_990, starts=100)
 
 
@@ -180,13 +179,12 @@ def test_distractors_set_the_clutter_of_every_start():
     env.reset(seed=starts[0]["seed"])
     assert len(env.unwrapped.scene.objects) == 3
     env.close()
-    with pytest.raises(ValueError, match="distractors=-1 must be >= 0"):
+    with pytest.raises(UsageError, match="distractors=-1 must be >= 0"):
         replace(cfg, distractors=-1)
 
 
 def test_configs_compose_to_the_schema_defaults():
-    collect_preferences.register_configs()
-    register_dpo()
+    register_configs()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         c = OmegaConf.to_object(compose("collect_preferences", overrides=["policy=p", "output_dir=o"]))
         d = OmegaConf.to_object(compose("train_dpo", overrides=["policy=p", "preferences=q", "output_dir=o"]))

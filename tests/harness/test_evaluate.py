@@ -1,23 +1,19 @@
+"""Tests for harness/evaluate.py and tasks/evaluation.py: metrics, reports, resume, baselines, bad inputs."""
+
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "scripts"))
-
-from store.errors import UsageError  # noqa: E402
-from evaluate import EvalConfig, evaluate  # noqa: E402
-from policy_factory import PolicySpec  # noqa: E402
-
-from tasks.evaluation import RESULTS_FILE, evaluate_manifest, load_results  # noqa: E402
-from tasks.suites import build_manifest  # noqa: E402
-from vla.checkpoint import save_checkpoint  # noqa: E402
-from vla.action_tokenizer import ActionTokenizer  # noqa: E402
-from vla.model import VLAModelConfig, build_vla  # noqa: E402
-from vla.text_tokenizer import action_token_offset, build_tokenizer  # noqa: E402
+from harness.evaluate import EvalConfig, evaluate
+from harness.policies import PolicySpec
+from store.errors import UsageError
+from tasks.evaluation import RESULTS_FILE, evaluate_manifest, load_results
+from tasks.suites import build_manifest
+from vla.action_tokenizer import ActionTokenizer
+from vla.checkpoint import save_checkpoint
+from vla.model import VLAModelConfig, build_vla
+from vla.text_tokenizer import action_token_offset, build_tokenizer
 
 
 def _cfg(tmp_path, name, **kw):
@@ -71,15 +67,15 @@ def test_an_interrupted_evaluation_resumes_from_finished_episodes(tmp_path):
 
 
 def test_bad_inputs_are_refused_before_any_work(tmp_path):
-    with pytest.raises(FileNotFoundError, match="neither 'expert', 'random' nor a checkpoint"):
+    with pytest.raises(UsageError, match="neither 'expert', 'random' nor a checkpoint"):
         evaluate(_cfg(tmp_path, "x", policy=str(tmp_path)))
     with pytest.raises(UsageError, match="unknown suite"):
         evaluate(_cfg(tmp_path, "x", suite="speed"))
     evaluate(_cfg(tmp_path, "base", task="reach", episodes_per_task=1))
-    with pytest.raises(ValueError, match="was evaluated on success-v2"):
+    with pytest.raises(UsageError, match="was evaluated on success-v2"):
         evaluate(_cfg(tmp_path, "x", task="reach", episodes_per_task=2, baseline=str(tmp_path / "base")))
     assert not (tmp_path / "x").exists()
-    with pytest.raises(ValueError, match="holds an evaluation of expert"):
+    with pytest.raises(UsageError, match="holds an evaluation of expert"):
         evaluate(_cfg(tmp_path, "base", policy="random", task="reach", episodes_per_task=1))
 
 

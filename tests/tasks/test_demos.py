@@ -1,3 +1,5 @@
+"""Tests for tasks/demos.py and scripts/generate_demos.py: valid, resumable, worker-independent datasets."""
+
 import hashlib
 import json
 import os
@@ -12,14 +14,14 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "scripts"))
-
-import generate_demos  # noqa: E402
-from generate_demos import DemoConfig, generate  # noqa: E402
+from harness.cli import register_configs
+from store.errors import UsageError
 from store.lerobot import DatasetError, LeRobotDataset
 from store.validate import validate_dataset
+from tasks import demos, make_env
+from tasks.demos import DemoConfig, generate
 
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = str(ROOT / "scripts" / "generate_demos.py")
 
 
@@ -51,7 +53,7 @@ def test_generates_a_valid_dataset_with_summary(tmp_path):
     assert all(e["success"] for e in ds.episodes)
     # each task draws its own block of seeds, so reach and pick start from different scenes
     reach_seeds, pick_seeds = ({e["seed"] for e in ds.episodes if e["task_name"] == t} for t in ("reach", "pick"))
-    assert min(reach_seeds) >= generate_demos.TASK_STRIDE * 3 > max(pick_seeds)  # sorted: pick, place, push, reach
+    assert min(reach_seeds) >= demos.TASK_STRIDE * 3 > max(pick_seeds)  # sorted: pick, place, push, reach
     first = [ds[ds.episode_frames(e)[0]]["image"] for e in (0, 2)]
     assert not np.array_equal(*first)
     frame = ds[0]
@@ -124,7 +126,7 @@ def test_a_corrupt_data_file_is_named(tmp_path):
 
 
 def test_hydra_config_matches_the_schema():
-    generate_demos.register_configs()
+    register_configs("generate_demos_schema")
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         cfg = compose(config_name="generate_demos", overrides=["task=all", "num_episodes=3"])
         demo = OmegaConf.to_object(cfg)
@@ -134,17 +136,17 @@ def test_hydra_config_matches_the_schema():
 
 def test_min_distractors_mixes_clutter_by_seed(tmp_path):
     cfg = _cfg(tmp_path, num_episodes=4, min_distractors=0)
-    counts = [generate_demos.distractors(cfg, s) for s in range(60)]
-    assert set(counts) == {0, 1, 2} and counts == [generate_demos.distractors(cfg, s) for s in range(60)]
-    assert {generate_demos.distractors(_cfg(tmp_path), s) for s in range(20)} == {2}
+    counts = [demos.distractors(cfg, s) for s in range(60)]
+    assert set(counts) == {0, 1, 2} and counts == [demos.distractors(cfg, s) for s in range(60)]
+    assert {demos.distractors(_cfg(tmp_path), s) for s in range(20)} == {2}
     generate(cfg)
     ds = LeRobotDataset(tmp_path / "d")
-    env = generate_demos.make_env("reach", image_size=48)
+    env = make_env("reach", image_size=48)
     for e, episode in enumerate(ds.episodes):  # each episode starts from its seed's scene with the drawn clutter
-        obs, _ = env.reset(seed=episode["seed"], options={"distractors": generate_demos.distractors(cfg, episode["seed"])})
-        assert len(env.scene.objects) == 1 + generate_demos.distractors(cfg, episode["seed"])
+        obs, _ = env.reset(seed=episode["seed"], options={"distractors": demos.distractors(cfg, episode["seed"])})
+        assert len(env.scene.objects) == 1 + demos.distractors(cfg, episode["seed"])
         np.testing.assert_array_equal(ds[ds.episode_frames(e)[0]]["image"], obs["image"])
-    with pytest.raises(ValueError, match="min_distractors=3"):
+    with pytest.raises(UsageError, match="min_distractors=3"):
         _cfg(tmp_path, min_distractors=3)
 
 
@@ -154,7 +156,7 @@ def test_paired_demos_share_a_scene_and_name_the_lookalike(tmp_path):
     assert summary["discarded"] == 0 and summary["expert_success_rate"] == 1.0
     seeds = [e["seed"] for e in ds.episodes]
     assert seeds[0] == seeds[1] != seeds[2] == seeds[3]
-    env = generate_demos.make_env("reach", image_size=48)
+    env = make_env("reach", image_size=48)
     for a, b in ((0, 1), (2, 3)):
         frames_a, frames_b = ds.episode_frames(a), ds.episode_frames(b)
         np.testing.assert_array_equal(ds[frames_a[0]]["image"], ds[frames_b[0]]["image"])  # the same scene
@@ -163,12 +165,12 @@ def test_paired_demos_share_a_scene_and_name_the_lookalike(tmp_path):
         first_a, first_b = ds[frames_a[0]]["instruction"], ds[frames_b[0]]["instruction"]
         assert target in first_a and lookalike in first_b and target not in first_b
         assert not np.allclose(ds[frames_a[0]]["action"], ds[frames_b[0]]["action"])  # and the arm goes elsewhere
-    with pytest.raises(ValueError, match="needs a distractor"):
+    with pytest.raises(UsageError, match="needs a distractor"):
         _cfg(tmp_path, paired=True, distractors=2, min_distractors=0)
 
 
 def test_seed_blocks_of_tasks_never_overlap():
     _cfg(Path("."), seed=49_976, num_episodes=3)  # the last slot's last attempt is the block's last seed
     for kw in ({"seed": 49_977, "num_episodes": 3}, {"num_episodes": 6_251}):
-        with pytest.raises(ValueError, match="into the next task's"):
+        with pytest.raises(UsageError, match="into the next task's"):
             _cfg(Path("."), **kw)

@@ -1,5 +1,5 @@
-"""scripts/pipeline.py end to end on tiny settings: every stage's output and summary, the final table, caching of
-finished stages, a subset of stages, refusal of changed settings, and the shipped configs composing."""
+"""harness/pipeline.py (scripts/pipeline.py) end to end on tiny settings: every stage's output and summary, the final
+table, caching of finished stages, a subset of stages, refusal of changed settings, and the shipped configs composing."""
 
 import json
 import subprocess
@@ -10,25 +10,26 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "scripts"))
+from harness.cli import register_configs
+from harness.pipeline import STAGES, Pipeline, PipelineConfig
+from store.errors import UsageError
 
-import pipeline  # noqa: E402
-from pipeline import STAGES, Pipeline, PipelineConfig, PipelineError  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.slow
 
 TINY = [
     "task=reach", "workers=1", "demos.num_episodes=3", "model@sft.model=tiny", "sft.train.steps=4",
     "sft.train.warmup_steps=1", "sft.train.save_every=2", "sft.train.eval_every=2", "sft.train.log_every=2",
-    "sft.train.val_max_samples=8", "sft.train.vocab_size=300", "sft.train.batch_size=4", "eval.episodes_per_task=1", "eval.videos=1",
-    "prefs.starts=2", "prefs.rollouts_per_start=2", "prefs.margin=0.0", "dpo.steps=2", "dpo.warmup_steps=0",
-    "dpo.batch_size=1", "dpo.eval_every=0",
+    "sft.train.val_max_samples=8", "sft.train.vocab_size=300", "sft.train.batch_size=4", "eval.episodes_per_task=1",
+    "eval.videos=1",
+    "prefs.starts=2", "prefs.rollouts_per_start=2", "prefs.margin=0.0", "dpo.train.steps=2",
+    "dpo.train.warmup_steps=0", "dpo.train.batch_size=1", "dpo.train.eval_every=0",
 ]
 
 
 def _cfg(out: Path, *overrides: str) -> PipelineConfig:
-    pipeline.register_configs()
+    register_configs("pipeline_schema")
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         cfg = compose("pipeline", overrides=[f"output_dir={out}", *TINY, *overrides])
     return OmegaConf.to_object(cfg)
@@ -68,7 +69,7 @@ def test_rerun_skips_finished_stages(run, capsys):
 
 def test_changed_settings_of_a_finished_stage_are_refused(run):
     out, _ = run
-    with pytest.raises(PipelineError, match="stage eval already ran .* with other settings"):
+    with pytest.raises(UsageError, match="stage eval already ran .* with other settings"):
         Pipeline(_cfg(out, "stages=eval", "eval.episodes_per_task=2")).run()
 
 
@@ -80,7 +81,7 @@ def test_a_subset_of_stages_runs_alone(tmp_path):
 
 
 def test_unknown_stage_and_key_fail_with_one_line(tmp_path):
-    with pytest.raises(PipelineError, match="unknown \\['train'\\]"):
+    with pytest.raises(UsageError, match="unknown \\['train'\\]"):
         _cfg(tmp_path, 'stages="demos,train"')
     proc = subprocess.run([sys.executable, "scripts/pipeline.py", "sft.train.stepz=3", f"output_dir={tmp_path}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
@@ -92,13 +93,22 @@ def test_distractors_reach_every_stage(tmp_path):
     assert p.demos()[0]["distractors"] == 1 and p.prefs()[0]["distractors"] == 1
     assert p.eval()[0]["distractors"] == 1 and p.eval_dpo()[0]["distractors"] == 1
     assert {p._eval(policy, "safety").distractors for policy in ("expert", str(p.sft_ckpt))} == {1}
-    with pytest.raises(PipelineError, match="distractors=-1 must be >= 0"):
+    with pytest.raises(UsageError, match="distractors=-1 must be >= 0"):
         _cfg(tmp_path, "distractors=-1")
 
 
 def test_full_experiment_composes():
+    register_configs("pipeline_schema")
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        pipeline.register_configs()
+        base = OmegaConf.to_object(compose("pipeline"))
         cfg = OmegaConf.to_object(compose("pipeline", overrides=["experiment=full"]))
-    assert cfg.task == "all" and cfg.distractors == 2 and cfg.sft.train.steps > PipelineConfig().sft.train.steps
-    assert cfg.demos.num_episodes == 400 and cfg.output_dir == "runs/full"
+    assert cfg.task == "all" and cfg.distractors == 2 and cfg.sft.train.steps == 4400 > base.sft.train.steps == 900
+    assert cfg.demos.num_episodes == 400 and cfg.output_dir == "runs/full" and cfg.dpo.train.steps == 300
+    # the stages' paths and shared keys follow the pipeline's by interpolation
+    assert cfg.demos.output_dir == cfg.sft.dataset == "runs/full/demos" and cfg.demos.task == cfg.prefs.task == "all"
+    assert cfg.dpo.policy == cfg.prefs.policy == "runs/full/sft/final" and cfg.dpo.preferences == "runs/full/prefs"
+
+
+def test_a_stage_called_from_python_refuses_a_missing_path(tmp_path):
+    with pytest.raises(UsageError, match="dataset is required; pass dataset=PATH"):
+        Pipeline(PipelineConfig(stages="sft")).sft()[1]()
