@@ -12,7 +12,7 @@ from tasks.evaluation import RESULTS_FILE, evaluate_manifest, load_results
 from tasks.suites import build_manifest
 from vla.action_tokenizer import ActionTokenizer
 from vla.checkpoint import save_checkpoint
-from vla.model import VLAModelConfig, build_vla
+from vla.model import build_vla
 from vla.text_tokenizer import action_token_offset, build_tokenizer
 
 
@@ -80,12 +80,10 @@ def test_bad_inputs_are_refused_before_any_work(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_vla_checkpoint_reports_calibration(tmp_path):
+def test_a_vla_checkpoint_reports_calibration(tmp_path, tiny_model):
     instructions = ["touch the red cube", "reach for the blue bar"]
     tok = build_tokenizer([f"In: What action should the robot take to {i}?\nOut:" for i in instructions], vocab_size=300)
-    cfg = VLAModelConfig(image_size=48, vision_hidden_size=32, vision_layers=1, vision_heads=2,
-                         vision_intermediate_size=64, text_hidden_size=32, text_layers=1, text_heads=2,
-                         text_intermediate_size=64)
+    cfg = tiny_model(arch="fast_vlm", image_size=48, text_layers=1)
     rng = np.random.default_rng(0)
     actions = rng.uniform(-0.03, 0.03, (500, 7)).astype(np.float32)
     actions[:, 6] = rng.integers(0, 2, 500)

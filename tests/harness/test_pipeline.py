@@ -1,5 +1,5 @@
-"""harness/pipeline.py (scripts/pipeline.py) end to end on tiny settings: every stage's output and summary, the final
-table, caching of finished stages, a subset of stages, refusal of changed settings, and the shipped configs composing."""
+"""harness/pipeline.py (scripts/pipeline.py) end to end on tiny settings: every stage's output and summary, the
+final table, caching of finished stages, a subset of stages, refusal of changed settings, the shipped configs."""
 
 import json
 import subprocess

@@ -31,15 +31,12 @@ from vla.action_tokenizer import ActionTokenizer
 from vla.checkpoint import save_checkpoint
 from vla.dpo import DPOConfig
 from vla.inputs import PROMPT_TEMPLATE
-from vla.model import VLAModelConfig, build_vla
+from vla.model import build_vla
 from vla.policy import VLAPolicy
 from vla.text_tokenizer import action_token_offset, build_tokenizer
 
 ROOT = Path(__file__).resolve().parents[2]
 
-TINY = {"image_size": 32, "patch_size": 16, "vision_hidden_size": 32, "vision_layers": 1, "vision_heads": 2,
-        "vision_intermediate_size": 64, "text_hidden_size": 32, "text_layers": 2, "text_heads": 2,
-        "text_intermediate_size": 64, "max_position_embeddings": 128}
 
 
 def run_script(script: str, *args: str) -> subprocess.CompletedProcess:
@@ -49,14 +46,14 @@ def run_script(script: str, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def policy_dir(tmp_path_factory) -> Path:
+def policy_dir(tmp_path_factory, tiny_model) -> Path:
     """A tiny random-init VLA checkpoint: its sampled rollouts differ, so the judge can pair them."""
     prompts = [PROMPT_TEMPLATE.format(instruction=t) for t in get_task("reach").templates]
     tokenizer = build_tokenizer(prompts * 3, vocab_size=300)
     torch.manual_seed(0)
     q01 = np.array([-0.05, -0.05, -0.05, -0.3, -0.3, -0.3, 0.0])
     path = tmp_path_factory.mktemp("sft") / "final"
-    save_checkpoint(build_vla(VLAModelConfig(**TINY), tokenizer),
+    save_checkpoint(build_vla(tiny_model(arch="fast_vlm"), tokenizer),
                     {"demos": ActionTokenizer(q01, -q01 + np.eye(7)[6], action_token_offset(tokenizer))}, path)
     return path
 

@@ -8,14 +8,11 @@ import tasks
 from tasks.policy import BatchPolicy, Policy, RandomPolicy
 from vla.action_tokenizer import ActionTokenizer
 from vla.inputs import PROMPT_TEMPLATE
-from vla.model import VLAModelConfig, build_vla
+from vla.model import build_vla
 from vla.policy import VLAPolicy
 from vla.text_tokenizer import action_token_offset, build_tokenizer
 
 D = 7
-TINY = {"image_size": 32, "patch_size": 16, "vision_hidden_size": 32, "vision_layers": 1, "vision_heads": 2,
-        "vision_intermediate_size": 64, "text_hidden_size": 32, "text_layers": 2, "text_heads": 2,
-        "text_intermediate_size": 64, "max_position_embeddings": 128}
 
 
 @pytest.mark.parametrize("task", sorted(tasks.TASKS))
@@ -26,13 +23,13 @@ def test_every_expert_is_a_policy(task):
     env.close()
 
 
-def test_random_and_vla_policies_are_batch_policies():
+def test_random_and_vla_policies_are_batch_policies(tiny_model):
     low = np.array([-0.05, -0.05, -0.05, -0.3, -0.3, -0.3, 0.0])
     assert isinstance(RandomPolicy(low, -low + np.eye(7)[6]), BatchPolicy)
     tokenizer = build_tokenizer([PROMPT_TEMPLATE.format(instruction="touch the red cube")], vocab_size=300)
     tok = ActionTokenizer(low, -low + np.eye(7)[6], action_token_offset(tokenizer))
     torch.manual_seed(0)
-    assert isinstance(VLAPolicy(build_vla(VLAModelConfig(**TINY), tokenizer), tok), BatchPolicy)
+    assert isinstance(VLAPolicy(build_vla(tiny_model(), tokenizer), tok), BatchPolicy)
 
 
 def test_random_policy_is_bounded_and_seeded():

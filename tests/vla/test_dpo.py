@@ -33,14 +33,11 @@ from vla.dpo import (
 )
 from vla.inputs import PROMPT_TEMPLATE, build_inputs
 from vla.loop import LoopConfig
-from vla.model import VLAModelConfig, build_vla, load_model
+from vla.model import build_vla, load_model
 from vla.policy import VLAPolicy
 from vla.run_state import weights_digest
 from vla.text_tokenizer import action_token_offset, build_tokenizer
 
-TINY = {"image_size": 32, "patch_size": 16, "vision_hidden_size": 32, "vision_layers": 1, "vision_heads": 2,
-        "vision_intermediate_size": 64, "text_hidden_size": 32, "text_layers": 2, "text_heads": 2,
-        "text_intermediate_size": 64, "max_position_embeddings": 128}
 INSTRUCTIONS = ["touch the red cube", "pick up the long blue bar and lift it"]  # different prompt lengths
 NAMES = ["dx", "dy", "dz", "droll", "dpitch", "dyaw", "gripper"]
 LOG2 = math.log(2)
@@ -120,11 +117,11 @@ def test_sequence_logps_is_a_shifted_gather_that_skips_ignored_labels():
 
 
 @pytest.fixture(scope="module")
-def policy_dir(tmp_path_factory) -> Path:
+def policy_dir(tmp_path_factory, tiny_model) -> Path:
     """A tiny random-init Llava checkpoint with action statistics, as scripts/train_sft.py would write."""
     tokenizer = build_tokenizer([PROMPT_TEMPLATE.format(instruction=t) for t in INSTRUCTIONS] * 5, vocab_size=300)
     torch.manual_seed(0)
-    vla = build_vla(VLAModelConfig(**TINY), tokenizer)
+    vla = build_vla(tiny_model(arch="fast_vlm"), tokenizer)
     q01 = np.array([-0.05, -0.05, -0.05, -0.3, -0.3, -0.3, 0.0])
     tok = ActionTokenizer(q01, -q01 + np.eye(7)[6], action_token_offset(tokenizer))
     path = tmp_path_factory.mktemp("policy") / "final"

@@ -17,19 +17,6 @@ from vla.text_tokenizer import action_token, action_token_offset, build_tokenize
 
 CORPUS = ["pick up the red cube", "push the blue ball into the green bowl", "stack the yellow block on the cube"]
 INSTRUCTIONS = ["pick up the red cube", "put the zebra-striped mug under the lamp, carefully", "stack"]
-TINY = dict(
-    image_size=32,
-    patch_size=16,
-    vision_hidden_size=32,
-    vision_layers=1,
-    vision_heads=2,
-    vision_intermediate_size=64,
-    text_hidden_size=32,
-    text_layers=2,
-    text_heads=2,
-    text_intermediate_size=64,
-    max_position_embeddings=128,
-)
 D = 7
 
 
@@ -39,11 +26,11 @@ def tokenizer() -> PreTrainedTokenizerFast:
 
 
 @pytest.fixture(scope="module", params=[*sorted(ARCHITECTURES), "fast_vlm/film"])
-def vla(request, tokenizer) -> VLA:
+def vla(request, tokenizer, tiny_model) -> VLA:
     """Every architecture, and the default one with FiLM (its scales and shifts moved off their zero init)."""
     arch, _, film = request.param.partition("/")
     torch.manual_seed(0)
-    vla = build_vla(VLAModelConfig(arch=arch, film=bool(film), **TINY), tokenizer)
+    vla = build_vla(tiny_model(arch=arch, film=bool(film)), tokenizer)
     if film:
         with torch.no_grad():
             for layer in vla.model.film:

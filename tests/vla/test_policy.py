@@ -13,18 +13,13 @@ from vla import decoding
 from vla.action_tokenizer import ActionTokenizer
 from vla.checkpoint import save_checkpoint
 from vla.inputs import build_inputs, model_inputs
-from vla.model import ARCHITECTURES, VLA, VLAModelConfig, build_vla
+from vla.model import ARCHITECTURES, VLA, build_vla
 from vla.decoding import fast_path_blocker
 from vla.policy import VLAPolicy, action_confidence, nucleus, predict_action
 from vla.text_tokenizer import action_token_offset, build_tokenizer
 
 CORPUS = ["pick up the red cube", "push the blue ball into the green bowl", "stack the yellow block on the cube"]
 INSTRUCTIONS = ["pick up the red cube", "put the zebra-striped mug under the lamp, carefully", "stack"]
-TINY = {
-    "image_size": 32, "patch_size": 16, "vision_hidden_size": 32, "vision_layers": 1, "vision_heads": 2,
-    "vision_intermediate_size": 64, "text_hidden_size": 32, "text_layers": 2, "text_heads": 2,
-    "text_intermediate_size": 64, "max_position_embeddings": 128,
-}  # fmt: skip
 D = 7
 ARCHS = sorted(ARCHITECTURES)
 
@@ -40,15 +35,21 @@ def action_tokenizer(tokenizer) -> ActionTokenizer:
     return ActionTokenizer(q01, -2 * q01 + 0.01, action_token_offset(tokenizer))
 
 
-def make_vla(tokenizer, arch: str, seed: int = 0) -> VLA:
-    torch.manual_seed(seed)
-    vla = build_vla(VLAModelConfig(arch=arch, **TINY), tokenizer)
-    vla.model.eval()
-    return vla
+@pytest.fixture(scope="module")
+def make_vla(tiny_model):
+    """``make_vla(tokenizer, arch, seed=0)``: a tiny random-init VLA of ``arch`` in eval mode."""
+
+    def make(tokenizer, arch: str, seed: int = 0) -> VLA:
+        torch.manual_seed(seed)
+        vla = build_vla(tiny_model(arch=arch), tokenizer)
+        vla.model.eval()
+        return vla
+
+    return make
 
 
 @pytest.fixture(scope="module", params=ARCHS)
-def vla(request, tokenizer) -> VLA:
+def vla(request, tokenizer, make_vla) -> VLA:
     return make_vla(tokenizer, request.param)
 
 
@@ -106,7 +107,7 @@ def test_a_state_reading_model_acts_on_the_observed_state(vla, action_tokenizer,
         policy.act(observations[0])[0])
 
 
-def test_lean_decoder_with_grouped_kv_heads_and_biases(tokenizer, action_tokenizer, observations):
+def test_lean_decoder_with_grouped_kv_heads_and_biases(tokenizer, action_tokenizer, observations, make_vla):
     """A Llama text model with 1 KV head for 2 query heads and biases in every projection (random, not zero)."""
     config = copy.deepcopy(make_vla(tokenizer, "llava").model.config)
     config.text_config.num_key_value_heads = 1
@@ -126,7 +127,7 @@ def test_lean_decoder_with_grouped_kv_heads_and_biases(tokenizer, action_tokeniz
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 @pytest.mark.parametrize("arch", ARCHS)
-def test_never_chooses_a_non_action_token(tokenizer, action_tokenizer, observations, arch, temperature):
+def test_never_chooses_a_non_action_token(tokenizer, action_tokenizer, observations, arch, temperature, make_vla):
     vla = make_vla(tokenizer, arch)
     before, _ = VLAPolicy(vla, action_tokenizer, temperature=temperature).act_batch(observations)
     head = vla.model.get_output_embeddings()
@@ -217,7 +218,7 @@ def test_action_confidence_is_the_geometric_mean():
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_follows_weight_updates_and_keeps_train_mode(tokenizer, action_tokenizer, observations, arch):
+def test_follows_weight_updates_and_keeps_train_mode(tokenizer, action_tokenizer, observations, arch, make_vla):
     """The lean decoder caches fused weights: an optimizer step must invalidate them."""
     vla = make_vla(tokenizer, arch)
     policy = VLAPolicy(vla, action_tokenizer)

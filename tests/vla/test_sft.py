@@ -25,9 +25,6 @@ from vla.sft import ModelConfig, SFTConfig, TrainConfig, action_logits, action_l
 
 ACTION_NAMES = ["dx", "dy", "dz", "droll", "dpitch", "dyaw", "gripper"]
 INSTRUCTIONS = ["move the gripper left", "move the gripper right"]
-TINY = {"image_size": 32, "patch_size": 16, "vision_hidden_size": 32, "vision_layers": 1, "vision_heads": 2,
-        "vision_intermediate_size": 64, "text_hidden_size": 32, "text_layers": 2, "text_heads": 2,
-        "text_intermediate_size": 64, "max_position_embeddings": 128}
 
 
 def write_dataset(root: Path, episodes: int = 6, frames: int = 8, seed: int = 0) -> Path:
@@ -59,11 +56,17 @@ def dataset(tmp_path_factory) -> Path:
     return write_dataset(tmp_path_factory.mktemp("data") / "synthetic-pick")
 
 
-def make_cfg(dataset: Path, out: Path, arch: str = "llava", **train) -> SFTConfig:
-    defaults = {"steps": 6, "batch_size": 8, "warmup_steps": 1, "lr": 3e-3, "log_every": 1, "save_every": 3,
-                "eval_every": 3}
-    return SFTConfig(dataset=str(dataset), output_dir=str(out), model=ModelConfig(arch=arch, **TINY),
-                     train=TrainConfig(**{**defaults, **train}))
+@pytest.fixture(scope="module")
+def make_cfg(tiny_model):
+    """``make_cfg(dataset, out, arch="llava", **train)``: an SFTConfig of the tiny model for a few quick steps."""
+
+    def make(dataset: Path, out: Path, arch: str = "llava", **train) -> SFTConfig:
+        defaults = {"steps": 6, "batch_size": 8, "warmup_steps": 1, "lr": 3e-3, "log_every": 1, "save_every": 3,
+                    "eval_every": 3}
+        return SFTConfig(dataset=str(dataset), output_dir=str(out), model=tiny_model(ModelConfig, arch=arch),
+                         train=TrainConfig(**{**defaults, **train}))
+
+    return make
 
 
 def read_metrics(out: Path, split: str = "train") -> list[dict]:
@@ -152,10 +155,10 @@ def test_augment_images_is_seeded_and_bounded():
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
-def test_action_logits_loss_equals_the_models_own_loss(arch):
+def test_action_logits_loss_equals_the_models_own_loss(arch, tiny_model):
     tokenizer = build_tokenizer([PROMPT_TEMPLATE.format(instruction=t) for t in INSTRUCTIONS], vocab_size=300)
     torch.manual_seed(0)
-    vla = build_vla(ModelConfig(arch=arch, **TINY), tokenizer)
+    vla = build_vla(tiny_model(ModelConfig, arch=arch), tokenizer)
     rng = np.random.default_rng(0)
     offset = action_token_offset(tokenizer)
     images = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
@@ -197,7 +200,7 @@ def test_train_config_validation(train, match):
 # ---- runs ----
 
 
-def test_loss_falls_and_the_checkpoint_loads(dataset, tmp_path):
+def test_loss_falls_and_the_checkpoint_loads(dataset, tmp_path, make_cfg):
     out = tmp_path / "run"
     summary = train(make_cfg(dataset, out, steps=40, batch_size=8, warmup_steps=4, log_every=4, save_every=20,
                              eval_every=20, augment=False, label_sigma=0.0))
@@ -225,7 +228,7 @@ def test_loss_falls_and_the_checkpoint_loads(dataset, tmp_path):
     assert weights_digest(step_vla.model) == summary["weights_digests"][0]
 
 
-def test_resume_reproduces_the_uninterrupted_run(dataset, tmp_path):
+def test_resume_reproduces_the_uninterrupted_run(dataset, tmp_path, make_cfg):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     summary = train(make_cfg(dataset, straight, steps=8, save_every=4, grad_accum=2, batch_size=4, augment=True))
     # A run killed after its step-4 checkpoint: what it had written by then, plus a half-written checkpoint.
@@ -245,14 +248,14 @@ def test_resume_reproduces_the_uninterrupted_run(dataset, tmp_path):
     assert again == json.loads((killed / "summary.json").read_text())  # finished: nothing to do
 
 
-def test_dataloader_workers_change_nothing(dataset, tmp_path):
+def test_dataloader_workers_change_nothing(dataset, tmp_path, make_cfg):
     inline = train(make_cfg(dataset, tmp_path / "inline", steps=3, num_workers=0))
     workers = train(make_cfg(dataset, tmp_path / "workers", steps=3, num_workers=2))
     assert read_metrics(tmp_path / "workers") == read_metrics(tmp_path / "inline")
     assert workers["weights_digests"] == inline["weights_digests"]
 
 
-def test_an_existing_run_is_never_overwritten(dataset, tmp_path):
+def test_an_existing_run_is_never_overwritten(dataset, tmp_path, make_cfg):
     out = tmp_path / "run"
     train(make_cfg(dataset, out, steps=2, save_every=2))
     before = snapshot(out)
@@ -266,10 +269,10 @@ def test_an_existing_run_is_never_overwritten(dataset, tmp_path):
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
-def test_fine_tune_a_pretrained_directory(dataset, tmp_path, arch):
+def test_fine_tune_a_pretrained_directory(dataset, tmp_path, arch, make_cfg, tiny_model):
     tokenizer = build_tokenizer(["In: What action should the robot take to stack the cube?\nOut:"], vocab_size=300)
     torch.manual_seed(1)
-    build_vla(ModelConfig(arch=arch, **TINY), tokenizer).save_pretrained(tmp_path / "pretrained")
+    build_vla(tiny_model(ModelConfig, arch=arch), tokenizer).save_pretrained(tmp_path / "pretrained")
     cfg = make_cfg(dataset, tmp_path / "run", steps=1, warmup_steps=0, save_every=1, eval_every=0)
     cfg.model = ModelConfig(pretrained=str(tmp_path / "pretrained"))  # default sizes: the checkpoint's win
     summary = train(cfg)
@@ -283,11 +286,11 @@ def test_fine_tune_a_pretrained_directory(dataset, tmp_path, arch):
     assert max(moved) < 2 * cfg.train.lr  # ... by about lr (Adam's first step) from the pretrained ones
 
 
-def _bad_pretrained(kind: str, root: Path) -> Path:
+def _bad_pretrained(kind: str, root: Path, model: ModelConfig) -> Path:
     path = root / kind
     tokenizer = build_tokenizer(["pick up the cube"], vocab_size=300, n_action_bins=16 if kind == "no-actions" else 256)
     if kind != "empty":
-        build_vla(ModelConfig(**TINY), tokenizer).save_pretrained(path)
+        build_vla(model, tokenizer).save_pretrained(path)
     path.mkdir(exist_ok=True)
     if kind == "gpt2":
         config = json.loads((path / "config.json").read_text())
@@ -303,9 +306,9 @@ def _bad_pretrained(kind: str, root: Path) -> Path:
     ("no-weights", "holds no model weights"),
     ("no-actions", "its tokenizer lacks the 256 action tokens <act_000>..<act_255>"),
 ])
-def test_bad_pretrained_directories(dataset, tmp_path, kind, match):
+def test_bad_pretrained_directories(dataset, tmp_path, kind, match, make_cfg, tiny_model):
     cfg = make_cfg(dataset, tmp_path / "run")
-    cfg.model = ModelConfig(pretrained=str(_bad_pretrained(kind, tmp_path)))
+    cfg.model = ModelConfig(pretrained=str(_bad_pretrained(kind, tmp_path, tiny_model(ModelConfig, arch="fast_vlm"))))
     with pytest.raises(UsageError, match=match):
         train(cfg)
     assert not (tmp_path / "run").exists()
@@ -317,7 +320,7 @@ def test_bad_pretrained_directories(dataset, tmp_path, kind, match):
     ("no-quantiles", "has no action q01/q99; regenerate the dataset"),
     ("no-state-quantiles", "has no observation.state q01/q99; regenerate the dataset"),
 ])
-def test_bad_datasets(dataset, tmp_path, damage, match):
+def test_bad_datasets(dataset, tmp_path, damage, match, make_cfg):
     root = tmp_path / "data"
     if damage != "missing":
         shutil.copytree(dataset, root)
