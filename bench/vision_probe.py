@@ -33,8 +33,8 @@ import torch
 from torch import nn
 from transformers import ResNetConfig, ResNetModel, SiglipVisionConfig, SiglipVisionModel
 
-from vla.action_tokenizer import ActionTokenizer
 from store.lerobot import LeRobotDataset
+from vla.action_tokenizer import ActionTokenizer
 from vla.model import sincos_2d
 
 PROBES = ("cnn", "cnn_onehot", "vit", "resnet", "resnet_mean", "resnet_state", "resnet_text", "resnet_film")

@@ -3,7 +3,7 @@
 ``Pipeline(cfg).run()``, which ``scripts/pipeline.py`` runs:
 
     python scripts/pipeline.py                                   # embedded defaults, ~20 min on 2 CPU cores
-    python scripts/pipeline.py stages=eval,dpo output_dir=runs/pipeline
+    python scripts/pipeline.py 'stages="eval,dpo"' output_dir=runs/pipeline
     python scripts/pipeline.py experiment=full                  # more demos, steps, episodes (conf/experiment/)
 
 ``PipelineConfig`` composes the stages' own configs (``demos: DemoConfig``, ``sft: SFTConfig``, ``eval: EvalConfig``,

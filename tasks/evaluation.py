@@ -17,10 +17,10 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from store.files import atomic_write
 from tasks import make_env
 from tasks.parallel import worker_pool
 from tasks.rollout import rollout_batch
-from store.files import atomic_write
 
 RESULTS_FILE = "episodes.jsonl"
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 
 from sim.safety import COUNT_EVENTS
-from tasks import metrics as M
 from store.files import write_json
+from tasks import metrics as M
 
 
 def _group(rows: list[dict], key: str) -> dict[str, list[dict]]:

@@ -33,7 +33,6 @@ from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import Sampler
-from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
@@ -42,6 +41,7 @@ from store.files import write_atomically, write_json
 from vla.run_state import (
     STATE_FILE,
     STATE_TENSORS,
+    MetricsLogger,
     check_output_dir,
     no_hf_progress_bars,
     prune_checkpoints,
@@ -181,34 +181,6 @@ def make_optimizer(model: torch.nn.Module, tc: LoopConfig) -> tuple[list, torch.
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, tc.warmup_steps, tc.steps,
                                                             min_lr_rate=tc.min_lr_ratio)
     return params, optimizer, scheduler
-
-
-class MetricsLogger:
-    """Rank 0's metrics.jsonl, TensorBoard and console lines; other ranks log nothing."""
-
-    def __init__(self, out: Path, rank: int, start_step: int):
-        self.out, self.enabled = out, rank == 0
-        if self.enabled:
-            path = out / "metrics.jsonl"
-            if path.is_file():  # drop what a killed run logged after its last checkpoint
-                rows = [ln for ln in path.read_text().splitlines() if json.loads(ln)["step"] <= start_step]
-                path.write_text("".join(ln + "\n" for ln in rows))
-            self.tb = SummaryWriter(out / "tb", purge_step=start_step + 1)
-
-    def __call__(self, step: int, split: str, metrics: dict) -> None:
-        if not self.enabled:
-            return
-        with open(self.out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"step": step, "split": split, **metrics}) + "\n")
-        for key, value in metrics.items():
-            for name, v in value.items() if isinstance(value, dict) else [("", value)]:
-                self.tb.add_scalar(f"{split}/{key}/{name}".rstrip("/"), v, step)
-        tqdm.write(f"[{split}] step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()
-                                                          if isinstance(v, float)))
-
-    def close(self) -> None:
-        if self.enabled:
-            self.tb.close()
 
 
 def gather_digests(model: torch.nn.Module, env: Dist) -> list[str]:

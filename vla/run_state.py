@@ -1,5 +1,6 @@
 """A run directory's state for vla/loop.py: trainer state for exact resume (safetensors + JSON, no pickles), the
-latest complete checkpoint, and the check that a new run never overwrites an old one."""
+latest complete checkpoint, the metrics log (cut back to the checkpoint a run resumes from), and the check that a
+new run never overwrites an old one."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
 from transformers.utils import logging as hf_logging
 
 from store.errors import UsageError
@@ -118,3 +121,31 @@ def check_output_dir(out: Path, resume: bool, record: dict, keys: tuple[str, ...
                 raise UsageError(f"resume=true but {out} was trained with {key}={before.get(key)}, not "
                                  f"{record[key]}; resume with the same settings, or choose another output_dir")
     return latest_checkpoint(out / "checkpoints") if resume else None
+
+
+class MetricsLogger:
+    """Rank 0's metrics.jsonl, TensorBoard and console lines; other ranks log nothing."""
+
+    def __init__(self, out: Path, rank: int, start_step: int):
+        self.out, self.enabled = out, rank == 0
+        if self.enabled:
+            path = out / "metrics.jsonl"
+            if path.is_file():  # drop what a killed run logged after its last checkpoint
+                rows = [ln for ln in path.read_text().splitlines() if json.loads(ln)["step"] <= start_step]
+                path.write_text("".join(ln + "\n" for ln in rows))
+            self.tb = SummaryWriter(out / "tb", purge_step=start_step + 1)
+
+    def __call__(self, step: int, split: str, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "split": split, **metrics}) + "\n")
+        for key, value in metrics.items():
+            for name, v in value.items() if isinstance(value, dict) else [("", value)]:
+                self.tb.add_scalar(f"{split}/{key}/{name}".rstrip("/"), v, step)
+        tqdm.write(f"[{split}] step {step}: " + " ".join(f"{k} {v:.4g}" for k, v in metrics.items()
+                                                          if isinstance(v, float)))
+
+    def close(self) -> None:
+        if self.enabled:
+            self.tb.close()

@@ -23,7 +23,7 @@ def action_token(index: int) -> str:
 def build_tokenizer(corpus: Iterable[str], vocab_size: int = 1024, n_action_bins: int = 256) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE on ``corpus`` and add the special and action tokens.
 
-    ``corpus`` should be the texts the model reads: the filled prompts (``vla.model.PROMPT_TEMPLATE``), not bare
+    ``corpus`` should be the texts the model reads: the filled prompts (``vla.inputs.PROMPT_TEMPLATE``), not bare
     instructions, so that the template's words become single tokens (63 instead of 92 tokens a row by default).
 
     Ids: ``<pad>`` 0, ``<s>`` 1, ``</s>`` 2, ``<image>`` 3, then the BPE vocabulary (the 256 byte symbols first, so

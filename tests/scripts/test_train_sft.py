@@ -15,11 +15,11 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
-from vla.checkpoint import load_checkpoint
-from store.writer import DatasetWriter
-from store.lerobot import Episode
-from vla.run_state import weights_digest
 from harness.cli import register_configs, run
+from store.lerobot import Episode
+from store.writer import DatasetWriter
+from vla.checkpoint import load_checkpoint
+from vla.run_state import weights_digest
 from vla.sft import ModelConfig, SFTConfig, TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[2]

@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from store.lerobot import IMAGE_KEY, DatasetError, Episode, LeRobotDataset, compute_stats, is_complete
-from store.writer import DatasetWriter
 from store.validate import validate_dataset
+from store.writer import DatasetWriter
 
 REPO = Path(__file__).resolve().parents[2]
 H, W, S, A, FPS = 6, 8, 4, 3, 10

@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 
 from store.errors import UsageError
+from store.lerobot import Episode
 from store.preferences import PAIRS_FILE, ROLLOUTS_FILE, PreferenceSet
+from store.writer import DatasetWriter
 from vla.action_tokenizer import ActionTokenizer
 from vla.checkpoint import save_checkpoint
-from store.writer import DatasetWriter
-from store.lerobot import Episode
 from vla.dpo import (
     DPOConfig,
     action_logps,

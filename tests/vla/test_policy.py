@@ -12,9 +12,9 @@ from store.errors import UsageError
 from vla import decoding
 from vla.action_tokenizer import ActionTokenizer
 from vla.checkpoint import save_checkpoint
+from vla.decoding import fast_path_blocker
 from vla.inputs import build_inputs, model_inputs
 from vla.model import ARCHITECTURES, VLA, build_vla
-from vla.decoding import fast_path_blocker
 from vla.policy import VLAPolicy, action_confidence, nucleus, predict_action
 from vla.text_tokenizer import action_token_offset, build_tokenizer
 

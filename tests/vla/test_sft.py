@@ -10,18 +10,18 @@ import numpy as np
 import pytest
 import torch
 
-from vla.action_tokenizer import ActionTokenizer
-from vla.checkpoint import load_checkpoint
 from store.errors import UsageError
 from store.lerobot import DatasetError, Episode
 from store.writer import DatasetWriter
+from vla.action_tokenizer import ActionTokenizer
+from vla.checkpoint import load_checkpoint
+from vla.data import BRIGHTNESS, SHIFT, augment_images
 from vla.inputs import PROMPT_TEMPLATE, build_inputs, model_inputs
+from vla.loop import EpochBatchSampler, split_episodes
 from vla.model import ARCHITECTURES, build_vla, load_model
 from vla.run_state import latest_checkpoint, weights_digest
-from vla.text_tokenizer import action_token_offset, build_tokenizer
-from vla.data import BRIGHTNESS, SHIFT, augment_images
-from vla.loop import EpochBatchSampler, split_episodes
 from vla.sft import ModelConfig, SFTConfig, TrainConfig, action_logits, action_loss, train
+from vla.text_tokenizer import action_token_offset, build_tokenizer
 
 ACTION_NAMES = ["dx", "dy", "dz", "droll", "dpitch", "dyaw", "gripper"]
 INSTRUCTIONS = ["move the gripper left", "move the gripper right"]
