@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from vla.dpo import DPOConfig, train_dpo
 from vla.sft import SFTConfig, train
 
 STAGES = ("demos", "sft", "eval", "prefs", "dpo", "eval_dpo")
+Stage = tuple[dict, Callable[[], object]]  # (the settings that determine a stage's output, what runs it)
 SUITES = ("success", "safety")
 STATE_FILE = "pipeline.json"
 EVAL_RUN_KEYS = ("policy", "suite", "baseline", "output_dir")  # what each evaluation run sets in the eval template
@@ -85,10 +87,10 @@ class Pipeline:
 
     # ---- the stages: each returns (settings that determine its output, function that runs it) ----
 
-    def demos(self):
+    def demos(self) -> Stage:
         return self.cfg.demos.dataset_config(), lambda: generate(self.cfg.demos)
 
-    def sft(self):
+    def sft(self) -> Stage:
         sft = self.cfg.sft
         return {"model": asdict(sft.model), "train": asdict(sft.train)}, lambda: train(sft)
 
@@ -100,19 +102,19 @@ class Pipeline:
     def _eval_settings(self) -> dict:
         return _settings(self.cfg.eval, EVAL_RUN_KEYS)
 
-    def eval(self):
+    def eval(self) -> Stage:
         runs = [self._eval(p, s) for p in ("expert", "random", str(self.sft_ckpt)) for s in SUITES]
         return self._eval_settings(), lambda: [evaluate(r) for r in runs]
 
-    def prefs(self):
+    def prefs(self) -> Stage:
         prefs = self.cfg.prefs
         return prefs.dataset_config() | {"policy": None}, lambda: collect(prefs)
 
-    def dpo(self):
+    def dpo(self) -> Stage:
         dpo = self.cfg.dpo
         return _settings(dpo, ("policy", "preferences")), lambda: train_dpo(dpo)
 
-    def eval_dpo(self):
+    def eval_dpo(self) -> Stage:
         runs = [self._eval(str(self.dpo_ckpt), s, baseline=str(self.dirs["eval"] / f"sft-{s}")) for s in SUITES]
         return self._eval_settings(), lambda: [evaluate(r) for r in runs]
 
@@ -187,7 +189,7 @@ def _digest(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _settings(cfg, paths: tuple[str, ...]) -> dict:
+def _settings(cfg: object, paths: tuple[str, ...]) -> dict:
     """The keys of a stage config that determine its output: all but ``paths`` and ``NOT_SETTINGS``."""
     return {k: v for k, v in asdict(cfg).items() if k not in paths + NOT_SETTINGS}
 

@@ -21,7 +21,7 @@ summary.json): ``reference_logps.parquet`` (episode_index, logps (T,)), the froz
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -330,7 +330,7 @@ class DPO:
     def _batch(self, pair_indices: list[int]) -> dict:
         return pair_batch(self.prefs, [self.prefs.pairs[i] for i in pair_indices], self.cfg.level, self.vla, self.ref)
 
-    def batches(self, keys) -> Iterator[dict]:
+    def batches(self, keys: Iterable[list[tuple[int, int, int]]]) -> Iterator[dict]:
         return (self._batch([k[2] for k in batch]) for batch in keys)
 
     def loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:

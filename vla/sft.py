@@ -10,7 +10,7 @@ name) and, with ``model.proprio``, ``state_tokenizer.json``; ``vla.checkpoint.lo
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -285,7 +285,7 @@ class SFT:
     def effective_batch(self) -> int:
         return self.cfg.train.batch_size * self.cfg.train.grad_accum * self.env.world
 
-    def batches(self, keys) -> Iterator[dict[str, torch.Tensor]]:
+    def batches(self, keys: Iterable[list[tuple[int, int, int]]]) -> Iterator[dict[str, torch.Tensor]]:
         tc = self.cfg.train
         return iter(DataLoader(self.frames, batch_sampler=keys, num_workers=tc.num_workers,
                                collate_fn=Collator(self.vla, tc.seed, self.env.rank, tc.augment),
