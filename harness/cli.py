@@ -23,6 +23,8 @@ from store.errors import UsageError
 # again) loads only what it runs: demo generation never loads torch.
 SCHEMAS = {
     "generate_demos_schema": "tasks.demos:DemoConfig",
+    "generate_scenes_schema": "tasks.scenes:SceneConfig",
+    "pretrain_schema": "vla.pretrain:PretrainConfig",
     "sft_schema": "vla.sft:SFTConfig",
     "evaluate_schema": "harness.evaluate:EvalConfig",
     "collect_preferences_schema": "harness.preferences:CollectConfig",

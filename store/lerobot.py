@@ -35,6 +35,8 @@ EPISODES_PATH = "meta/episodes/chunk-000/file-000.parquet"
 IMAGE_KEY = "observation.images.front"
 FEATURE_KEYS = (IMAGE_KEY, "observation.state", "action", "timestamp", "frame_index", "episode_index", "index",
                 "task_index", "next.done")
+OBJECTS_KEY = "observation.object_positions"  # optional: every object's (x, y, z) per frame, OBJECT_SLOTS slots
+OBJECT_SLOTS = 6  # object positions per frame; an episode with fewer objects pads with zeros
 STAT_KEYS = ("min", "max", "mean", "std", "count", "q01", "q99")
 FIX = "regenerate the dataset or run scripts/validate_dataset.py"
 
@@ -55,6 +57,11 @@ class Episode:
     states: np.ndarray  # (T, S) float32 proprio state
     actions: np.ndarray  # (T, A) float32 action taken at each frame
     safety: dict[str, float] = field(default_factory=dict)  # episode totals of safety events
+    # Optional simulator labels of the scene, for grounding: the objects' labels ("red cube"), their positions per
+    # frame (T, N, 3) in metres and which of them the instruction names.
+    objects: list[str] = field(default_factory=list)
+    object_positions: np.ndarray | None = None
+    target_index: int | None = None
 
 
 def is_complete(root: str | Path) -> bool:
@@ -122,6 +129,7 @@ class LeRobotDataset:
         files = sorted({(e["data/chunk_index"], e["data/file_index"]) for e in self.episodes})
         self._files = [self.root / self.info["data_path"].format(chunk_index=c, file_index=f) for c, f in files]
         names = ["observation.state", "action", "episode_index", "frame_index", "index", "task_index"]
+        names += [OBJECTS_KEY] if OBJECTS_KEY in self.info["features"] else []
         tables = [read_parquet(p, names) for p in self._files]
         self._file_starts = np.cumsum([0] + [t.num_rows for t in tables])  # (files + 1,)
         # Every frame's state, action and indices, held in memory: (N, S), (N, A) and (N,) arrays.
@@ -139,17 +147,22 @@ class LeRobotDataset:
         return self._images[f][i - int(self._file_starts[f])].as_py()
 
     def __getitem__(self, i: int) -> dict:
-        """Frame i: image (H, W, 3) uint8, state (S,) float32, action (A,) float32, instruction, indices."""
+        """Frame i: image (H, W, 3) uint8, state (S,) float32, action (A,) float32, instruction, indices, and for a
+        dataset with object labels ``object_positions`` (N, 3) of the episode's N objects."""
         if not -len(self) <= i < len(self):
             raise IndexError(f"frame {i} out of range for {len(self)} frames")
         i %= len(self)
         cols = self.columns
-        return {
+        item = {
             "image": np.asarray(Image.open(io.BytesIO(self._png(i))).convert("RGB")),
             "state": cols["observation.state"][i].copy(), "action": cols["action"][i].copy(),
             "instruction": self._instructions[cols["task_index"][i]],
             "episode_index": int(cols["episode_index"][i]), "frame_index": int(cols["frame_index"][i]),
         }
+        if OBJECTS_KEY in cols:
+            n = len(self.episodes[item["episode_index"]]["objects"])
+            item["object_positions"] = cols[OBJECTS_KEY][i].reshape(OBJECT_SLOTS, 3)[:n].copy()
+        return item
 
     def episode_frames(self, ep: int) -> range:
         """Global frame indices of episode `ep`."""

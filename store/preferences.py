@@ -77,14 +77,15 @@ class PreferenceSet:
         """Episode indices that appear in some pair."""
         return sorted({p[side] for p in self.pairs for side in ("chosen", "rejected")})
 
-    def check_action_tokens(self, tok) -> None:
-        """Refuse token ids outside ``tok``'s (a vla ActionTokenizer's) action_dim x [token_offset, + n_bins)."""
-        lo, hi = tok.token_offset, tok.token_offset + tok.n_bins
+    def check_action_tokens(self, tok, plan: int = 0) -> None:
+        """Refuse token ids outside ``tok``'s (a vla ActionTokenizer's) (plan + action_dim) x [token_offset,
+        + n_bins): a grounded policy's ``plan`` tokens come first and share the action ids."""
+        lo, hi, width = tok.token_offset, tok.token_offset + tok.n_bins, plan + tok.action_dim
         for ep in self.episodes():
             ids = self.token_ids[ep]
-            if ids.shape[1] != tok.action_dim or ids.min() < lo or ids.max() >= hi:
+            if ids.shape[1] != width or ids.min() < lo or ids.max() >= hi:
                 raise UsageError(f"preferences={self.root}: episode {ep} holds token ids outside the policy's "
-                                 f"{tok.action_dim} x [{lo}, {hi}) action tokens; collect preferences with this policy")
+                                 f"{width} x [{lo}, {hi}) plan and action tokens; collect preferences with this policy")
 
     def steps(self, ep: int, n: int | None = None) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray]:
         """The first ``n`` (all) steps of episode ``ep``: images (n, H, W, 3) uint8, instructions, token ids (n, D),

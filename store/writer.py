@@ -25,6 +25,8 @@ from store.lerobot import (
     DATA_PATH,
     EPISODES_PATH,
     IMAGE_KEY,
+    OBJECT_SLOTS,
+    OBJECTS_KEY,
     VIDEO_FILES_SIZE_IN_MB,
     DatasetError,
     Episode,
@@ -61,12 +63,15 @@ def _write_json(path: Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=4, ensure_ascii=False) + "\n")
 
 
-def _features(image_shape: list[int], state_names: list[str], action_names: list[str]) -> dict[str, dict]:
+def _features(image_shape: list[int], state_names: list[str], action_names: list[str], objects: bool,
+              ) -> dict[str, dict]:
     """LeRobot `features` for info.json; shapes are lists, scalars have shape [1]."""
     def scalar(dtype: str) -> dict:
         return {"dtype": dtype, "shape": [1], "names": None}
 
-    return {
+    labels = {OBJECTS_KEY: {"dtype": "float32", "shape": [3 * OBJECT_SLOTS],
+                            "names": [f"{a}{k}" for k in range(OBJECT_SLOTS) for a in "xyz"]}} if objects else {}
+    return {**labels,
         IMAGE_KEY: {"dtype": "image", "shape": list(image_shape), "names": ["height", "width", "channel"]},
         "observation.state": {"dtype": "float32", "shape": [len(state_names)], "names": list(state_names)},
         "action": {"dtype": "float32", "shape": [len(action_names)], "names": list(action_names)},
@@ -107,6 +112,16 @@ def _episode_table(ep: Episode, fps: int, state_dim: int, action_dim: int) -> pa
                                f"(one row per image, {dim} names given to the writer); record one per frame")
         if not np.isfinite(arrays[name]).all():
             raise DatasetError(f"episode {name} contain NaN or inf; fix the recorder before writing")
+    columns = {}
+    if ep.object_positions is not None:
+        positions = np.asarray(ep.object_positions, dtype=np.float32)
+        if positions.shape != (T, len(ep.objects), 3) or len(ep.objects) > OBJECT_SLOTS or not \
+                (ep.target_index is None or 0 <= ep.target_index < len(ep.objects)):
+            raise DatasetError(f"episode object_positions have shape {positions.shape}, expected ({T}, "
+                               f"{len(ep.objects)} objects <= {OBJECT_SLOTS}, 3), with target_index among them")
+        padded = np.zeros((T, OBJECT_SLOTS, 3), np.float32)
+        padded[:, : len(ep.objects)] = positions
+        columns[OBJECTS_KEY] = pa.FixedSizeListArray.from_arrays(padded.ravel(), 3 * OBJECT_SLOTS)
     pngs = []
     for img in images:
         buf = io.BytesIO()
@@ -115,7 +130,8 @@ def _episode_table(ep: Episode, fps: int, state_dim: int, action_dim: int) -> pa
     hist = np.stack([np.bincount(images[..., c].ravel(), minlength=256) for c in range(3)])  # (3, 256)
     meta = {"task": ep.task, "instruction": ep.instruction, "seed": int(ep.seed), "success": bool(ep.success),
             "safety": {k: float(v) for k, v in ep.safety.items()}, "image_shape": list(images.shape[1:]),
-            "image_hist": hist.tolist()}
+            "image_hist": hist.tolist(), "objects": list(ep.objects) if columns else None,
+            "target_index": ep.target_index}
     return pa.table({
         IMAGE_KEY: pa.array(pngs, type=_IMAGE_TYPE),
         "observation.state": pa.FixedSizeListArray.from_arrays(arrays["states"].ravel(), state_dim),
@@ -123,6 +139,7 @@ def _episode_table(ep: Episode, fps: int, state_dim: int, action_dim: int) -> pa
         "timestamp": (np.arange(T) / fps).astype(np.float32),  # seconds
         "frame_index": np.arange(T, dtype=np.int64),
         "next.done": np.arange(T) == T - 1,
+        **columns,
     }).replace_schema_metadata({_EPISODE_META: json.dumps(meta)})
 
 
@@ -211,11 +228,14 @@ class DatasetWriter:
             table = read_parquet(self._staged_path(index))
             meta = json.loads(table.schema.metadata[_EPISODE_META])
             if features is None:
-                features = _features(meta["image_shape"], spec["state_names"], spec["action_names"])
+                features = _features(meta["image_shape"], spec["state_names"], spec["action_names"],
+                                     meta.get("objects") is not None)
                 schema = _data_schema(features)
             elif meta["image_shape"] != features[IMAGE_KEY]["shape"]:
                 raise DatasetError(f"episode {index} has images {meta['image_shape']} but episode 0 has "
                                    f"{features[IMAGE_KEY]['shape']}; render every episode at one camera resolution")
+            elif (meta.get("objects") is not None) != (OBJECTS_KEY in features):
+                raise DatasetError(f"episode {index} and episode 0 differ in having object labels; label all or none")
             if pending and pending_bytes >= self.data_files_size_in_mb * 2**20:
                 flush()
                 pending, pending_bytes = [], 0
@@ -236,6 +256,8 @@ class DatasetWriter:
                 "meta/episodes/chunk_index": 0, "meta/episodes/file_index": 0,
                 "task_name": meta["task"], "instruction": meta["instruction"], "seed": meta["seed"],
                 "success": meta["success"], "safety": meta["safety"],
+                **({"objects": meta["objects"], "target_index": meta["target_index"]} if OBJECTS_KEY in features
+                   else {}),
             })
             start += T
         flush()

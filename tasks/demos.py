@@ -127,7 +127,8 @@ def _generate(args: tuple[DemoConfig, int, str, int]) -> tuple[int, Episode | No
         if r.success and r.error is None:
             episode = Episode(
                 task=name, instruction=r.instruction, seed=seed, success=True, images=r.images, states=r.states,
-                actions=r.actions, safety=r.safety,
+                actions=r.actions, safety=r.safety, objects=r.objects, object_positions=r.object_positions,
+                target_index=r.target_index,
             )
             return index, episode, errors
     return index, None, errors

@@ -27,6 +27,9 @@ class Rollout:
     error: str | None = None
     other_success: bool | None = None  # with scene.extra["other"]: was the task ever done at that other object
     step_info: list[dict] = field(default_factory=list)  # what the policy returned with each action
+    objects: list[str] = field(default_factory=list)  # the scene's object labels ("red cube"), scene order
+    object_positions: np.ndarray | None = None  # (T, N, 3) float32: each object's position (m) at each frame
+    target_index: int | None = None  # which of `objects` the instruction names
     frames: list[np.ndarray] = field(default_factory=list)  # env.render() per step when recording video
 
     @property
@@ -62,7 +65,7 @@ def rollout_batch(
     obs = [env.reset(seed=s, options=o)[0] for env, s, o in zip(envs, seeds, options)]
     cores = [env.unwrapped for env in envs]
     budget = [max_steps or c.task.max_steps for c in cores]
-    logs = [{"images": [], "states": [], "actions": [], "step_info": [], "frames": []} for _ in envs]
+    logs = [{"images": [], "states": [], "actions": [], "step_info": [], "frames": [], "objects": []} for _ in envs]
     outcome = [{"success": False, "error": None, "safety": dict(c.monitor.totals), "other": None} for c in cores]
     running = list(range(n))
     for i in running:
@@ -79,6 +82,7 @@ def rollout_batch(
             log = logs[i]
             log["images"].append(obs[i]["image"])
             log["states"].append(obs[i]["state"])
+            log["objects"].append([cores[i].object_pose(o.name)[0] for o in cores[i].scene.objects])
             log["actions"].append(np.asarray(action, dtype=np.float32))
             log["step_info"].append(pinfo)
             obs[i], _, terminated, truncated, info = envs[i].step(action)
@@ -95,8 +99,10 @@ def rollout_batch(
             task=c.task.name, seed=s, instruction=c.instruction, images=np.stack(log["images"]),
             states=np.stack(log["states"]), actions=np.stack(log["actions"]), success=bool(out["success"]),
             steps=len(log["actions"]), safety=out["safety"], error=out["error"], other_success=out["other"],
-            step_info=log["step_info"],
-            frames=log["frames"],
+            step_info=log["step_info"], frames=log["frames"],
+            objects=[o.label for o in c.scene.objects],
+            object_positions=np.asarray(log["objects"], dtype=np.float32).reshape(len(log["actions"]), -1, 3),
+            target_index=[o.name for o in c.scene.objects].index(c.scene.target),
         )
         for c, s, log, out in zip(cores, seeds, logs, outcome)
     ]

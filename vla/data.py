@@ -1,4 +1,9 @@
-"""SFT's data: the frames of a LeRobot dataset as tokenized training examples, batched and (optionally) augmented."""
+"""SFT's data: the frames of a LeRobot dataset as tokenized training examples, batched and (optionally) augmented.
+
+A dataset with the simulator's scene labels (``observation.object_positions``, episode ``objects`` and
+``target_index``) also feeds grounded SFT (``vla.grounding``): the plan tokens of the named object's place before
+the actions, and co-training rows of grounding queries about the frame's own scene.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +14,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from store.lerobot import DatasetError, LeRobotDataset
+from store.lerobot import OBJECTS_KEY, DatasetError, LeRobotDataset
 from vla.action_tokenizer import ActionTokenizer
-from vla.inputs import build_inputs
-from vla.loop import AUGMENT, seed_of
+from vla.grounding import Queries
+from vla.inputs import PROMPT_TEMPLATE, build_inputs, build_queries
+from vla.loop import AUGMENT, QUERY, seed_of
 from vla.model import VLA
 
 SHIFT, BRIGHTNESS, CONTRAST = 0.06, 0.15, 0.15  # augmentation: max shift (fraction of the side), jitter ranges
@@ -46,8 +52,27 @@ class FrameDataset(Dataset):
     def __getitem__(self, key: tuple[int, int, int]) -> dict:
         frame = key[2]
         item = self.ds[frame]
-        return {"key": key, "image": item["image"], "instruction": item["instruction"], "state": item["state"],
-                "action_ids": self.action_ids[frame], "action": self.actions[frame]}
+        out = {"key": key, "image": item["image"], "instruction": item["instruction"], "state": item["state"],
+               "action_ids": self.action_ids[frame], "action": self.actions[frame]}
+        if "object_positions" in item:
+            episode = self.ds.episodes[item["episode_index"]]
+            out.update(objects=episode["objects"], target=episode["target_index"], positions=item["object_positions"])
+        return out
+
+
+def has_scene_labels(ds: LeRobotDataset) -> bool:
+    """Whether every frame carries the objects' labels and places that grounded SFT reads."""
+    return OBJECTS_KEY in ds.columns and all(e.get("target_index") is not None for e in ds.episodes)
+
+
+def instruction_templates(ds: LeRobotDataset) -> list[str]:
+    """The dataset's instructions with the named object's label replaced by ``{target}`` (``Queries`` templates:
+    a plan query names any object of the scene in the tasks' own words)."""
+    templates = set()
+    for episode in ds.episodes:
+        name = episode["objects"][episode["target_index"]]
+        templates.add(episode["instruction"].replace(name, "{target}", 1))
+    return sorted(t for t in templates if "{target}" in t)
 
 
 def augment_images(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -67,10 +92,19 @@ def augment_images(images: torch.Tensor, generator: torch.Generator) -> torch.Te
 
 class Collator:
     """Frames -> a ``build_inputs`` batch plus ``actions`` (B, D) float; the augmentation of a batch is seeded by its
-    (epoch, batch) key and the rank."""
+    (epoch, batch) key and the rank.
 
-    def __init__(self, vla: VLA, seed: int, rank: int, augment: bool):
+    Grounded (``queries`` given): each row's answer is the plan (the named object's place, ``Queries.place``) then
+    its action tokens; and for each kind of the ``cotrain`` mixture ({"list": 0.125, ...}: fractions of the batch),
+    that many of the first rows ask a grounding query about their own frame instead (``Queries.sample``, drawn by
+    the QUERY stream of the batch key). Such a batch comes from ``build_queries``; its ``actions`` hold the action rows
+    only: the last ``len(actions)`` rows.
+    """
+
+    def __init__(self, vla: VLA, seed: int, rank: int, augment: bool, queries: Queries | None = None,
+                 cotrain: dict[str, float] | None = None):
         self.vla, self.seed, self.rank, self.augment = vla, seed, rank, augment
+        self.queries, self.cotrain = queries, dict(cotrain or {})
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
         epoch, b, _ = items[0]["key"]
@@ -78,7 +112,23 @@ class Collator:
         if self.augment:
             generator = torch.Generator().manual_seed(seed_of(self.seed, AUGMENT, epoch, b, self.rank))
             images = augment_images(images, generator)
+        if self.queries is not None:
+            return self._grounded(items, images, np.random.default_rng(seed_of(self.seed, QUERY, epoch, b, self.rank)))
         batch = build_inputs(self.vla, images, [it["instruction"] for it in items],
                              np.stack([it["action_ids"] for it in items]), np.stack([it["state"] for it in items]))
         batch["actions"] = torch.from_numpy(np.stack([it["action"] for it in items]))
+        return batch
+
+    def _grounded(self, items: list[dict], images: torch.Tensor, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        kinds = [kind for kind, share in self.cotrain.items() for _ in range(round(share * len(items)))]
+        prompts, answers = [], []
+        for k, it in enumerate(items):
+            if k < len(kinds):
+                prompt, answer = self.queries.sample(kinds[k], it["objects"], it["positions"], rng)
+            else:
+                prompt = PROMPT_TEMPLATE.format(instruction=it["instruction"])
+                answer = self.queries.place(it["positions"][it["target"]]) + it["action_ids"].tolist()
+            prompts.append(prompt), answers.append(answer)
+        batch = build_queries(self.vla, images, prompts, answers, np.stack([it["state"] for it in items]))
+        batch["actions"] = torch.from_numpy(np.stack([it["action"] for it in items[len(kinds):]]))
         return batch

@@ -20,6 +20,7 @@ summary.json): ``reference_logps.parquet`` (episode_index, logps (T,)), the froz
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
@@ -38,6 +39,7 @@ from store.files import write_parquet
 from store.preferences import PAIR_FILTERS, PreferenceSet
 from vla.action_tokenizer import ActionTokenizer
 from vla.checkpoint import ACTION_STATS_FILE, load_action_tokenizers, pick_action_tokenizer, save_checkpoint
+from vla.grounding import plan_tokens
 from vla.inputs import IGNORE_INDEX, build_inputs, model_inputs
 from vla.loop import Dist, LoopConfig, LoopResult, distributed, run, split_episodes
 from vla.model import VLA, load_model
@@ -100,12 +102,14 @@ def dpo_metrics(losses: torch.Tensor, chosen_rewards: torch.Tensor, rejected_rew
 
 
 def action_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], ids: slice) -> torch.Tensor:
-    """(B,) summed log-probs of each row's action tokens under the softmax over the action ids ``ids``.
+    """(B,) summed log-probs of each row's action tokens (and a grounded model's plan tokens, which share their ids)
+    under the softmax over the action ids ``ids``.
 
-    ``batch`` comes from ``build_inputs`` with action ids (right-padded); the LM head runs only from the position
-    before the earliest action token on.
+    ``batch`` comes from ``step_inputs`` (right-padded); the LM head runs only from the position before the
+    earliest scored token on.
     """
-    keep = batch["input_ids"].shape[1] - int(batch["action_positions"].min()) + 1
+    first = int((batch["labels"] != IGNORE_INDEX).float().argmax(dim=1).min())  # the earliest scored token
+    keep = batch["input_ids"].shape[1] - first + 1
     inputs = {k: v for k, v in model_inputs(batch).items() if k != "labels"}
     logits = model(**inputs, logits_to_keep=keep).logits[..., ids]  # (B, keep, n_bins)
     labels = batch["labels"][:, -keep:]  # (B, keep)
@@ -151,6 +155,14 @@ class DPOConfig:
 # ---- pair batches and the reference ----
 
 
+def step_inputs(vla: VLA, images: np.ndarray, instructions: list[str], token_ids: np.ndarray, states: np.ndarray,
+                ) -> dict[str, torch.Tensor]:
+    """``build_inputs`` over a policy's emitted token ids (n, P + D): a grounded model's P plan tokens, then the
+    actions (``VLAPolicy`` info ``token_ids``)."""
+    P = plan_tokens(vla.model)
+    return build_inputs(vla, images, instructions, token_ids[:, P:], states, plan_ids=token_ids[:, :P] if P else None)
+
+
 def pair_batch(prefs: PreferenceSet, pairs: list[dict], level: str, vla: VLA, ref: dict[int, np.ndarray]) -> dict:
     """One forward's worth of pairs: ``inputs`` (build_inputs over every frame, chosen rollouts first),
     ``segments`` (N,): the example each frame's log-prob adds to (chosen examples 0..n-1, rejected n..2n-1, aligned),
@@ -173,8 +185,8 @@ def pair_batch(prefs: PreferenceSet, pairs: list[dict], level: str, vla: VLA, re
     segment = np.asarray(segments[0] + [s + n for s in segments[1]])  # (N,)
     example_ref = np.zeros(2 * n)
     np.add.at(example_ref, segment, np.concatenate(frame_ref[0] + frame_ref[1]))
-    inputs = build_inputs(vla, np.concatenate([p[0] for p in parts]), [t for p in parts for t in p[1]],
-                          np.concatenate([p[2] for p in parts]), np.concatenate([p[3] for p in parts]))
+    inputs = step_inputs(vla, np.concatenate([p[0] for p in parts]), [t for p in parts for t in p[1]],
+                         np.concatenate([p[2] for p in parts]), np.concatenate([p[3] for p in parts]))
     return {"inputs": inputs, "segments": torch.from_numpy(segment), "ref": torch.from_numpy(example_ref),
             "n": n}
 
@@ -191,8 +203,9 @@ def pair_step(model: torch.nn.Module, batch: dict, ids: slice, cfg: DPOConfig, d
     n = batch["n"]
     pi, ref = example_logps(model, batch, ids, device), batch["ref"].to(device)
     losses, chosen_rewards, rejected_rewards = dpo_loss(pi[:n], pi[n:], ref[:n], ref[n:], cfg.beta, cfg.loss_type)
-    tokens = int((batch["segments"] < n).sum()) * batch["inputs"]["action_positions"].shape[1]
-    nll = -pi[:n].sum() / tokens  # per action token of the chosen steps
+    labels = batch["inputs"]["labels"]
+    scored = ((labels >= ids.start) & (labels < ids.stop)).sum(dim=1)  # (N,) plan and action tokens per frame
+    nll = -pi[:n].sum() / int(scored[batch["segments"] < n].sum())  # per scored token of the chosen steps
     return {"objective": losses.mean() + cfg.alpha * nll, "losses": losses.detach(), "nll": nll.detach(),
             "chosen_rewards": chosen_rewards, "rejected_rewards": rejected_rewards,
             "logps_chosen": pi[:n].detach(), "logps_rejected": pi[n:].detach()}
@@ -223,7 +236,7 @@ def reference_logps(vla: VLA, prefs: PreferenceSet, ids: slice, device: torch.de
         chunks = []
         for s in range(0, len(images), batch_frames):
             window = slice(s, s + batch_frames)
-            batch = build_inputs(vla, images[window], instructions[window], token_ids[window], states[window])
+            batch = step_inputs(vla, images[window], instructions[window], token_ids[window], states[window])
             with autocast():
                 chunks.append(action_logps(model, {k: v.to(device) for k, v in batch.items()}, ids).double().cpu())
         out[ep] = torch.cat(chunks).numpy()
@@ -294,7 +307,8 @@ class DPO:
         self.cfg, self.env = cfg, env
         self.prefs = PreferenceSet(cfg.preferences, cfg.pairs)
         self.action_tokenizers, tok = _open_policy(cfg.policy, cfg.unnorm_key)
-        self.prefs.check_action_tokens(tok)
+        plan = json.loads((Path(cfg.policy) / "config.json").read_text()).get("plan_tokens") or 0
+        self.prefs.check_action_tokens(tok, plan)
         self.ids = slice(tok.token_offset, tok.token_offset + tok.n_bins)
         starts = sorted({p["start_index"] for p in self.prefs.pairs})
         _, val_starts = split_episodes(len(starts), cfg.train.val_fraction, cfg.train.seed)

@@ -50,7 +50,8 @@ from vla.run_state import (
     weights_digest,
 )
 
-SHUFFLE, AUGMENT, SPLIT = 0, 1, 2  # independent random streams of ``seed_of``
+# Independent random streams of ``seed_of``: batch order, augmentation, the val split, grounding queries' draws.
+SHUFFLE, AUGMENT, SPLIT, QUERY = 0, 1, 2, 3
 
 
 @dataclass

@@ -41,6 +41,7 @@ from vla.film import FilmFastVlm
 from vla.text_tokenizer import action_token
 
 STATE_TOKENIZER_FILE = "state_tokenizer.json"
+LOCATION_TOKENIZER_FILE = "location_tokenizer.json"
 
 
 @dataclass
@@ -235,19 +236,24 @@ class VLA(NamedTuple):
     ``state_tokenizer``, when set, makes the model read the robot's proprio state: ``build_inputs`` writes it as
     one token per state dimension after the image tokens (bins of the dataset's state q01/q99, in the action-token
     range). It is saved as ``state_tokenizer.json``; a checkpoint without that file reads images and text only.
+    ``location_tokenizer``, when set, is the model's place vocabulary (``vla.grounding``): a model pretrained on
+    grounding queries has one, saved as ``location_tokenizer.json``.
     """
 
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerFast
     image_processor: SiglipImageProcessorPil
     state_tokenizer: ActionTokenizer | None = None
+    location_tokenizer: ActionTokenizer | None = None
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
         self.image_processor.save_pretrained(path)
-        if self.state_tokenizer is not None:
-            self.state_tokenizer.save(Path(path) / STATE_TOKENIZER_FILE)
+        for tokenizer, name in ((self.state_tokenizer, STATE_TOKENIZER_FILE),
+                                (self.location_tokenizer, LOCATION_TOKENIZER_FILE)):
+            if tokenizer is not None:
+                tokenizer.save(Path(path) / name)
 
 
 def _freeze_unused(model: PreTrainedModel) -> PreTrainedModel:
@@ -326,7 +332,7 @@ def load_model(path: str | os.PathLike) -> VLA:
     model = ARCHITECTURES[model_type].model_class.from_pretrained(path).eval()
     tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
     image_processor = SiglipImageProcessorPil.from_pretrained(path)
-    state_file = path / STATE_TOKENIZER_FILE
-    state_tokenizer = ActionTokenizer.load(state_file) if state_file.is_file() else None
-    return VLA(_freeze_unused(model), tokenizer, image_processor, state_tokenizer)
+    state, location = (ActionTokenizer.load(path / f) if (path / f).is_file() else None
+                       for f in (STATE_TOKENIZER_FILE, LOCATION_TOKENIZER_FILE))
+    return VLA(_freeze_unused(model), tokenizer, image_processor, state, location)
 

@@ -18,6 +18,7 @@ import torch
 from vla.action_tokenizer import ActionTokenizer
 from vla.checkpoint import load_action_tokenizers, pick_action_tokenizer
 from vla.decoding import Decoding
+from vla.grounding import plan_tokens
 from vla.inputs import build_inputs, model_inputs
 from vla.model import VLA, load_model
 
@@ -41,7 +42,10 @@ class VLAPolicy:
     ``obs`` is ``{"image": (H, W, 3) uint8, "instruction": str, ...}``; other keys (``state``) are ignored, as in
     OpenVLA. ``info`` holds ``token_ids`` (D,) int64, ``probs`` (D,) float32, the temperature-1 probability of each
     chosen token among the action tokens, ``confidence`` (``action_confidence(probs)``) and ``log_probs``, the sum
-    of the chosen tokens' log-probabilities under the same distribution (what DPO scores). ``act_batch`` does the
+    of the chosen tokens' log-probabilities under the same distribution (what DPO scores). A grounded model
+    (``vla.grounding.plan_tokens``: P > 0) first emits its plan, the named object's place, decoded like the actions:
+    then ``token_ids`` is (P + D,), plan first, ``log_probs`` sums all P + D tokens, ``probs`` and ``confidence``
+    read the actions only, and ``plan`` (2,) is the decoded place (x, y) in metres. ``act_batch`` does the
     same for N observations in one padded batch, with a leading N axis everywhere.
 
     Sampling draws from a ``torch.Generator`` seeded with ``seed``; ``reset(seed)`` reseeds it, with the
@@ -79,6 +83,10 @@ class VLAPolicy:
         self.device = next(vla.model.parameters()).device
         self.ids = slice(lo, hi)
         self.decoding = Decoding(vla.model, self.ids, fast)
+        self.plan = plan_tokens(vla.model)
+        if self.plan and (vla.location_tokenizer is None or vla.location_tokenizer.token_offset != lo):
+            raise ValueError("this model emits plan tokens but has no location tokenizer over its action ids; "
+                             "load it with its location_tokenizer.json")
         self.fallback_reason = self.decoding.fallback_reason  # None: the lean decoder runs
         self.generator = torch.Generator(self.device)
         self.reset()
@@ -103,19 +111,24 @@ class VLAPolicy:
         instructions = [obs["instruction"] for obs in observations]
         states = np.stack([np.asarray(obs["state"]) for obs in observations]) if "state" in observations[0] else None
         token_ids, log_probs = self.action_tokens(images, instructions, states)
-        token_ids, probs = token_ids.cpu().numpy(), log_probs.exp().cpu().numpy()
-        return self.action_tokenizer.decode(token_ids), {
+        token_ids, P = token_ids.cpu().numpy(), self.plan
+        probs = log_probs[:, P:].exp().cpu().numpy()
+        info = {
             "token_ids": token_ids,
             "probs": probs,
             "confidence": action_confidence(probs).astype(np.float32),
             "log_probs": log_probs.sum(dim=-1).double().cpu().numpy(),
         }
+        if P:
+            place = np.concatenate([token_ids[:, :P], token_ids[:, :1]], axis=1)  # (N, 3): z is not decoded
+            info["plan"] = self.vla.location_tokenizer.decode(place)[:, :P].astype(np.float32)
+        return self.action_tokenizer.decode(token_ids[:, P:]), info
 
     @torch.inference_mode()
     def action_tokens(self, images: np.ndarray, instructions: Sequence[str], states: np.ndarray | None = None,
                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 images (N, H, W, 3), N instructions and proprio states (N, S) (read only by a model with a state
-        tokenizer) -> action token ids (N, D) and their log-probs (N, D)."""
+        tokenizer) -> the emitted token ids (N, P + D), plan then actions, and their log-probs (N, P + D)."""
         model = self.vla.model
         was_training = model.training
         if was_training:
@@ -124,7 +137,7 @@ class VLAPolicy:
             batch = build_inputs(self.vla, images, instructions, states=states)
             batch = {k: v.to(self.device) for k, v in batch.items()}
             out = model(**model_inputs(batch), use_cache=True, logits_to_keep=1)
-            D = self.action_tokenizer.action_dim
+            D = self.plan + self.action_tokenizer.action_dim
             decoder = self.decoding.start(out.cache, batch, D - 1)
             logits = out.logits[:, -1, self.ids]  # (N, n_bins)
             bins, log_probs = [], []

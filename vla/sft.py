@@ -25,7 +25,9 @@ from store.errors import MISSING, UsageError, require
 from store.lerobot import LeRobotDataset
 from vla.action_tokenizer import GRIPPER_DIM, ActionTokenizer
 from vla.checkpoint import save_checkpoint
-from vla.data import Collator, FrameDataset, open_dataset
+from vla.data import Collator, FrameDataset, has_scene_labels, instruction_templates, open_dataset
+from vla.grounding import PLAN_TOKENS, QUERIES, Queries, location_tokenizer, plan_tokens, scored_logits, \
+    sequence_loss
 from vla.inputs import PROMPT_TEMPLATE, model_inputs
 from vla.loop import Dist, LoopConfig, LoopResult, distributed, run, split_episodes
 from vla.model import VLA, VLAModelConfig, build_vla, load_model
@@ -56,6 +58,11 @@ class TrainConfig(LoopConfig):
     vocab_size: int = 1024  # BPE vocabulary of a new text tokenizer (ignored with model.pretrained)
     action_bins: int = 256
     gripper_dim: int | None = GRIPPER_DIM  # action dimension kept in absolute [0, 1] bins; null for none
+    # Grounded SFT (vla.grounding; needs a dataset with scene labels): the model first emits the named object's
+    # place (2 location tokens), then the actions; and ``cotrain`` gives the share of each batch's rows that are
+    # grounding queries about their frame ({"list": 0.125, "plan": 0.125}), which keeps a pretrained base's skill.
+    grounded: bool = False
+    cotrain: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -68,6 +75,10 @@ class TrainConfig(LoopConfig):
             raise UsageError(f"train.action_bins={self.action_bins} must lie in [2, 1000]; 256 is usual")
         if self.vocab_size < 260:
             raise UsageError(f"train.vocab_size={self.vocab_size} must be >= 260 (256 bytes + 4 special tokens)")
+        unknown = sorted(set(self.cotrain) - set(QUERIES))
+        if unknown or any(w < 0 for w in self.cotrain.values()) or sum(self.cotrain.values()) >= 1:
+            raise UsageError(f"train.cotrain={dict(self.cotrain)} must give shares >= 0 of the kinds {list(QUERIES)} "
+                             "that sum to less than 1 (the rest of each batch are actions)")
 
 
 @dataclass
@@ -128,6 +139,17 @@ def build_model(cfg: SFTConfig, ds: LeRobotDataset, resume_from: Path | None) ->
     offset = action_token_offset(vla.tokenizer, tc.action_bins)
     if cfg.model.proprio and vla.state_tokenizer is None:
         vla = vla._replace(state_tokenizer=state_tokenizer(ds, offset, tc.action_bins))
+    if tc.grounded or tc.cotrain:
+        if not has_scene_labels(ds):
+            raise UsageError(f"train.grounded / train.cotrain read the objects' labels and places, which {cfg.dataset} "
+                             "lacks; regenerate it with scripts/generate_demos.py, or turn both off")
+        if vla.location_tokenizer is None:
+            vla = vla._replace(location_tokenizer=location_tokenizer(offset, tc.action_bins))
+    if tc.grounded:
+        vla.model.config.plan_tokens = PLAN_TOKENS  # saved in config.json: the policy decodes the plan first
+    elif plan_tokens(vla.model):
+        raise UsageError(f"{cfg.model.pretrained or resume_from} emits plan tokens before its actions; "
+                         "fine-tune it with train.grounded=true")
     try:
         action_tok = ActionTokenizer.from_stats(
             ds.stats["action"], offset, tc.action_bins,
@@ -208,15 +230,33 @@ class Meter:
                 "samples": int(sums[1].item())}
 
 
+def batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], rows: int, tok: ActionTokenizer,
+               sigma: float, autocast, plan: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The SFT loss of a ``Collator`` batch (on the model's device, without ``actions``), and the logits and targets
+    of the D action tokens and EOS of its last ``rows`` rows, the action rows (for the ``Meter``).
+
+    A grounded batch (``build_queries``, with co-training rows first) is scored on every labelled token: plan,
+    actions and EOS of the action rows, the answers of the query rows (``vla.grounding.sequence_loss``: Gaussian
+    targets over the bins for location and action tokens alike); a plain one on its actions and EOS only."""
+    if "answer_starts" not in batch:
+        with autocast():
+            logits, targets = action_logits(model, batch)
+        return action_loss(logits, targets, tok, sigma), logits, targets
+    with autocast():
+        logits, targets, valid = scored_logits(model, batch)
+    loss = sequence_loss(logits, targets, valid, slice(tok.token_offset, tok.token_offset + tok.n_bins), sigma)
+    scored = slice(plan, plan + tok.action_dim + 1)
+    return loss, logits[-rows:, scored], targets[-rows:, scored]
+
+
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches, meter: Meter, device: torch.device, autocast, sigma: float = 0.0) -> dict:
+def evaluate(model: torch.nn.Module, batches, meter: Meter, device: torch.device, autocast, sigma: float = 0.0,
+             plan: int = 0) -> dict:
     """Metrics of ``model`` (unwrapped) over ``batches``, reduced over ranks; the loss is the training loss."""
     model.eval()
     for batch in batches:
         inputs = {k: v.to(device) for k, v in batch.items() if k != "actions"}
-        with autocast():
-            logits, targets = action_logits(model, inputs)
-        loss = action_loss(logits, targets, meter.tok, sigma)
+        loss, logits, targets = batch_loss(model, inputs, len(batch["actions"]), meter.tok, sigma, autocast, plan)
         meter.add(loss, logits, targets, batch["actions"].to(device))
     model.train()
     return meter.reduce()
@@ -259,7 +299,11 @@ class SFT:
         val_frames = [i for ep in self.val_eps for i in ds.episode_frames(ep)]
         val_frames = sorted({val_frames[int(i)] for i in np.linspace(0, len(val_frames) - 1, tc.val_max_samples)}
                             if val_frames else ())
-        collate, mine = Collator(self.vla, tc.seed, env.rank, augment=False), val_frames[env.rank :: env.world]
+        grounded = tc.grounded or bool(tc.cotrain)
+        self.queries = Queries(self.vla, instruction_templates(ds)) if grounded else None
+        self.plan = plan_tokens(self.vla.model)
+        collate = Collator(self.vla, tc.seed, env.rank, False, self.queries if tc.grounded else None)
+        mine = val_frames[env.rank :: env.world]
         self.val_batches = [collate([self.frames[(0, b, i)] for i in mine[s : s + tc.batch_size]])
                             for b, s in enumerate(range(0, len(mine), tc.batch_size))]
         self.meter = Meter(self.action_tok, self.names, env.device)
@@ -288,15 +332,15 @@ class SFT:
     def batches(self, keys: Iterable[list[tuple[int, int, int]]]) -> Iterator[dict[str, torch.Tensor]]:
         tc = self.cfg.train
         return iter(DataLoader(self.frames, batch_sampler=keys, num_workers=tc.num_workers,
-                               collate_fn=Collator(self.vla, tc.seed, self.env.rank, tc.augment),
+                               collate_fn=Collator(self.vla, tc.seed, self.env.rank, tc.augment, self.queries,
+                                                   tc.cotrain),
                                pin_memory=self.env.device.type == "cuda"))
 
     def loss(self, model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         device, actions = self.env.device, batch.pop("actions")
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        with self.env.autocast():
-            logits, targets = action_logits(model, batch)
-        loss = action_loss(logits, targets, self.action_tok, self.cfg.train.label_sigma)
+        loss, logits, targets = batch_loss(model, batch, len(actions), self.action_tok, self.cfg.train.label_sigma,
+                                           self.env.autocast, self.plan)
         self.meter.add(loss, logits, targets, actions.to(device))
         return loss
 
@@ -307,7 +351,8 @@ class SFT:
         if not self.val_batches:
             return None
         meter = Meter(self.action_tok, self.names, self.env.device)
-        return evaluate(model, self.val_batches, meter, self.env.device, self.env.autocast, self.cfg.train.label_sigma)
+        return evaluate(model, self.val_batches, meter, self.env.device, self.env.autocast, self.cfg.train.label_sigma,
+                        self.plan)
 
     def save(self, path: Path) -> None:
         save_checkpoint(self.vla, {self.dataset_name: self.action_tok}, path)

@@ -174,3 +174,21 @@ def test_seed_blocks_of_tasks_never_overlap():
     for kw in ({"seed": 49_977, "num_episodes": 3}, {"num_episodes": 6_251}):
         with pytest.raises(UsageError, match="into the next task's"):
             _cfg(Path("."), **kw)
+
+
+def test_demos_carry_the_objects_and_their_positions_per_frame(tmp_path):
+    generate(_cfg(tmp_path, task="pick", num_episodes=1))
+    ds = LeRobotDataset(tmp_path / "d")
+    episode = ds.episodes[0]
+    env = make_env("pick", image_size=48)
+    env.reset(seed=episode["seed"], options={"distractors": 2})
+    assert episode["objects"] == [o.label for o in env.scene.objects]
+    assert episode["objects"][episode["target_index"]] == env.scene.get(env.scene.target).label
+    frames = list(ds.episode_frames(0))
+    first, last = ds[frames[0]]["object_positions"], ds[frames[-1]]["object_positions"]
+    assert first.shape == (3, 3)
+    np.testing.assert_allclose(first, [env.object_pose(o.name)[0] for o in env.scene.objects], atol=1e-6)
+    target = episode["target_index"]
+    assert last[target, 2] - first[target, 2] > 0.03  # the picked object rises; the others stay
+    others = [k for k in range(3) if k != target]
+    np.testing.assert_allclose(last[others], first[others], atol=2e-3)
