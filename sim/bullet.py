@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
-import pybullet
-import pybullet_data
-from pybullet_utils.bullet_client import BulletClient
+
+from sim.quiet import quiet
+
+with quiet(2):  # PyBullet prints its build time to stderr when first imported, and sim/ imports it here first
+    import pybullet
+    import pybullet_data
+    from pybullet_utils.bullet_client import BulletClient
 
 
 @dataclass(frozen=True)
@@ -22,11 +27,20 @@ class Camera:
     far: float = 3.0
 
 
+def _disconnect(client: BulletClient) -> None:
+    if client._client >= 0:
+        client.disconnect()
+
+
 class Bullet:
     """One DIRECT-mode physics client (never the module-global one), with bodies addressed by name."""
 
     def __init__(self, timestep: float = 1.0 / 240.0, solver_iterations: int = 20):
-        self.client = BulletClient(connection_mode=pybullet.DIRECT)
+        with quiet(1):  # every connect prints "argv[0]=" to stdout
+            self.client = BulletClient(connection_mode=pybullet.DIRECT)
+        # Disconnects on close(), on garbage collection, or at interpreter exit while the modules still exist:
+        # BulletClient's own __del__, run during module teardown, prints "Exception ignored ... TypeError".
+        self._disconnect = weakref.finalize(self, _disconnect, self.client)
         self.client.setAdditionalSearchPath(pybullet_data.getDataPath())
         self.client.setGravity(0.0, 0.0, -9.81)
         self.client.setTimeStep(timestep)
@@ -38,8 +52,8 @@ class Bullet:
         self._light = (0.6, -0.4, 1.0)
 
     def close(self) -> None:
-        if self.client._client >= 0:
-            self.client.disconnect()
+        """Disconnect the physics client; calling it again does nothing."""
+        self._disconnect()
 
     def add(self, name: str, body_id: int) -> int:
         if name in self.bodies:

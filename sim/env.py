@@ -20,6 +20,7 @@ from sim.bullet import Bullet, Camera
 from sim.robot import HOME_POSITION, Panda
 from sim.safety import SafetyLimits, SafetyMonitor
 from sim.scene import Scene, build_table, clear_scene, place_scene
+from sim.spaces import InstructionSpace
 
 CONTROL_HZ = 10
 SUBSTEPS = 24
@@ -95,7 +96,7 @@ class TabletopEnv(gym.Env):
         obs = {
             "image": spaces.Box(0, 255, (image_size, image_size, 3), np.uint8),
             "state": spaces.Box(STATE_LOW, STATE_HIGH, dtype=np.float32),
-            "instruction": spaces.Text(max_length=256, min_length=1, charset=INSTRUCTION_CHARSET),
+            "instruction": InstructionSpace(max_length=256, min_length=1, charset=INSTRUCTION_CHARSET),
         }
         if wrist_camera:
             obs["wrist_image"] = spaces.Box(0, 255, (image_size, image_size, 3), np.uint8)

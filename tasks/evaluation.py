@@ -13,6 +13,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import imageio.v3 as iio
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
@@ -48,6 +49,7 @@ class _Worker:
             if record:
                 video = f"videos/{episode['id'].replace('/', '_')}.gif"
                 write_gif(r.frames, self.out_dir / video, fps=env.metadata["render_fps"])
+                write_mp4(r.frames, (self.out_dir / video).with_suffix(".mp4"), fps=env.metadata["render_fps"])
             rows.append({
                 **{k: episode[k] for k in ("id", "task", "axis", "seed")},
                 "instruction": r.instruction,
@@ -85,6 +87,16 @@ def write_gif(frames: list[np.ndarray], path: Path, fps: int) -> None:
     images = [Image.fromarray(f) for f in frames]
     atomic_write(path, lambda p: images[0].save(p, format="GIF", save_all=True, append_images=images[1:],
                                                 duration=int(1000 / fps), loop=0))
+
+
+def write_mp4(frames: list[np.ndarray], path: Path, fps: int) -> None:
+    """Frames (H, W, 3) uint8 -> an H.264 MP4 (yuv420p, which browsers play), written atomically by the ffmpeg that
+    the imageio-ffmpeg wheel ships. An odd height or width gains one repeated row or column (H.264 needs even)."""
+    video = np.stack(frames)  # (T, H, W, 3)
+    video = np.pad(video, ((0, 0), (0, video.shape[1] % 2), (0, video.shape[2] % 2), (0, 0)), mode="edge")
+    atomic_write(path, lambda tmp: iio.imwrite(tmp, video, plugin="FFMPEG", extension=".mp4", fps=fps, codec="libx264",
+                                               pixelformat="yuv420p", macro_block_size=1,
+                                               output_params=["-f", "mp4"]))  # tmp's name does not end in .mp4
 
 
 def load_results(out_dir: Path) -> dict[str, dict]:

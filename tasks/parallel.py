@@ -51,8 +51,25 @@ def worker_pool(backend: str, workers: int, initializer: Callable | None = None,
             initializer(*initargs)
         yield map
     else:
-        with mp.get_context("spawn").Pool(workers, initializer=initializer, initargs=initargs) as pool:
+        with _local_pool(workers, initializer, initargs) as pool:
             yield pool.imap_unordered
+
+
+@contextmanager
+def _local_pool(workers: int, initializer: Callable | None, initargs: tuple) -> Iterator:
+    """A spawn pool whose workers exit normally when the work is done (``close`` + ``join``) and are killed only on
+    error. Killed workers skip their exit handlers, so the semaphores they made (tqdm's lock, for one, made the first
+    time a worker draws a progress bar) stay registered, and Python's resource_tracker warns of "leaked semaphore
+    objects" at shutdown; ``Pool.__exit__`` kills them always."""
+    pool = mp.get_context("spawn").Pool(workers, initializer=initializer, initargs=initargs)
+    try:
+        yield pool
+        pool.close()
+    except BaseException:
+        pool.terminate()
+        raise
+    finally:
+        pool.join()
 
 
 class _Actor:
