@@ -39,6 +39,7 @@ from store.errors import UsageError
 from vla.action_tokenizer import ActionTokenizer
 from vla.film import FilmFastVlm
 from vla.text_tokenizer import action_token
+from vla.towers import TOWERS, load_weights, weights_file
 
 STATE_TOKENIZER_FILE = "state_tokenizer.json"
 LOCATION_TOKENIZER_FILE = "location_tokenizer.json"
@@ -47,7 +48,8 @@ LOCATION_TOKENIZER_FILE = "location_tokenizer.json"
 @dataclass
 class VLAModelConfig:
     """Sizes of a VLA built from scratch. The default (FastVLM: ResNet + Llama) has ~4.5M parameters and 36 image
-    tokens at 96 px. For arch=fast_vlm, the vision_heads and vision_intermediate_size are unused."""
+    tokens at 96 px. For arch=fast_vlm, the vision_heads and vision_intermediate_size are unused; with a pretrained
+    ``vision_tower`` (vla.towers.TOWERS) the vision_hidden_size and vision_layers are too."""
 
     arch: str = "fast_vlm"
     image_size: int = 96
@@ -65,12 +67,19 @@ class VLAModelConfig:
     # arch=fast_vlm: the instruction scales and shifts the channels of every ResNet stage (FiLM, as in RT-1), so
     # the image tokens the LM reads are already conditioned on what to look for. Saved in config.json.
     film: bool = False
+    # arch=fast_vlm: "resnet" (random init, sized by vision_*) or a pretrained tower of vla.towers.TOWERS, whose
+    # ImageNet weights come from its package's file, or from vision_weights (a local state-dict file) with its
+    # vision_weights_sha256; the digest is checked when the model is built.
+    vision_tower: str = "resnet"
+    vision_weights: str | None = None
+    vision_weights_sha256: str | None = None
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHITECTURES:
             raise UsageError(f"arch={self.arch!r} is not supported; choose one of {sorted(ARCHITECTURES)}")
         if self.film and self.arch != "fast_vlm":
             raise UsageError(f"film=true conditions a ResNet tower's stages; arch={self.arch} has none, use fast_vlm")
+        self._check_vision_tower()
         for name in (
             "image_size", "patch_size", "vision_hidden_size", "vision_layers", "vision_heads",
             "vision_intermediate_size", "text_hidden_size", "text_layers", "text_heads", "text_intermediate_size",
@@ -98,6 +107,26 @@ class VLAModelConfig:
                 f"max_position_embeddings={self.max_position_embeddings} leaves no room for the prompt after "
                 f"{self.num_image_tokens} image tokens; raise it to at least {self.num_image_tokens + 32}"
             )
+
+    def _check_vision_tower(self) -> None:
+        if self.vision_tower == "resnet":
+            if self.vision_weights is not None or self.vision_weights_sha256 is not None:
+                raise UsageError("vision_weights and vision_weights_sha256 are for a pretrained vision_tower; the "
+                                 f"resnet tower starts random: unset them or choose one of {sorted(TOWERS)}")
+            return
+        if self.vision_tower not in TOWERS:
+            raise UsageError(f"vision_tower={self.vision_tower!r} is not known; choose resnet or one of "
+                             f"{sorted(TOWERS)}")
+        if self.arch != "fast_vlm" or self.film:
+            raise UsageError(f"vision_tower={self.vision_tower} fills FastVLM's tower slot without FiLM; "
+                             "use arch=fast_vlm and film=false, or vision_tower=resnet")
+        if self.patch_size not in TOWERS[self.vision_tower].patch_sizes:
+            raise UsageError(f"vision_tower={self.vision_tower} has feature maps at strides "
+                             f"{list(TOWERS[self.vision_tower].patch_sizes)}; set patch_size to one of them")
+        if self.vision_weights is not None and self.vision_weights_sha256 is None:
+            raise UsageError(f"vision_weights={self.vision_weights} needs vision_weights_sha256 (the file's digest, "
+                             "from sha256sum) so that the weights are checked before use")
+        weights_file(self.vision_tower, self.vision_weights)  # the file is there (its digest is checked on build)
 
     @property
     def num_image_tokens(self) -> int:
@@ -165,8 +194,12 @@ def _conv_vision_config(cfg: VLAModelConfig) -> ResNetConfig:
 
 
 def _fastvlm_config(cfg: VLAModelConfig, tokenizer: PreTrainedTokenizerFast) -> FastVlmConfig:
+    if cfg.vision_tower == "resnet":
+        vision = _conv_vision_config(cfg)
+    else:  # cut where its feature map has one cell per patch; build_model loads its ImageNet weights
+        vision = TOWERS[cfg.vision_tower].make_config(cfg.image_size, cfg.patch_size)
     config = FastVlmConfig(
-        vision_config=_conv_vision_config(cfg),
+        vision_config=vision,
         text_config=LlamaConfig(**cfg.text_kwargs(tokenizer)),
         image_token_index=tokenizer.image_token_id,
         image_seq_length=cfg.num_image_tokens,
@@ -271,6 +304,8 @@ def build_model(cfg: VLAModelConfig, tokenizer: PreTrainedTokenizerFast) -> PreT
         raise ValueError("tokenizer needs <image>, pad and eos tokens; build it with vla.text_tokenizer")
     arch = ARCHITECTURES[cfg.arch]
     model = arch.model_class(arch.make_config(cfg, tokenizer))
+    if cfg.vision_tower != "resnet":
+        load_weights(model.model.vision_tower, cfg.vision_tower, cfg.vision_weights, cfg.vision_weights_sha256)
     vision = model.config.vision_config
     grid = vision.image_size // vision.patch_size
     for name, module in model.named_modules():
@@ -329,7 +364,9 @@ def load_model(path: str | os.PathLike) -> VLA:
             raise UsageError(
                 f"{path} lacks {required}; save the checkpoint with VLA.save_pretrained so that it is self-contained"
             )
-    model = ARCHITECTURES[model_type].model_class.from_pretrained(path).eval()
+    # fp32 whatever the file holds (the shipped base is fp16): training and CPU inference run in fp32, autocast
+    # gives bf16 where asked.
+    model = ARCHITECTURES[model_type].model_class.from_pretrained(path, dtype=torch.float32).eval()
     tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
     image_processor = SiglipImageProcessorPil.from_pretrained(path)
     state, location = (ActionTokenizer.load(path / f) if (path / f).is_file() else None
