@@ -1,5 +1,9 @@
 """The main job in one command: demos -> SFT -> evaluation -> preferences -> DPO -> evaluation, then one table.
 
+SFT starts from a vision-language base (``base``): the shipped stage-0 checkpoint (``vla.bases``, digest-checked;
+the default), one built here from scratch (``base=pretrain`` adds the ``scenes`` and ``pretrain`` stages in front),
+or none (random weights).
+
 ``Pipeline(cfg).run()``, which ``scripts/pipeline.py`` runs:
 
     python scripts/pipeline.py                                   # embedded defaults, ~20 min on 2 CPU cores
@@ -35,10 +39,15 @@ from store.errors import UsageError
 from store.files import write_json, write_text
 from tasks.demos import DemoConfig, generate
 from tasks.parallel import check_backend
+from tasks.scenes import SceneConfig, generate_scenes
+from vla.bases import shipped_base
 from vla.dpo import DPOConfig, train_dpo
+from vla.pretrain import PretrainConfig, pretrain
 from vla.sft import SFTConfig, train
 
-STAGES = ("demos", "sft", "eval", "prefs", "dpo", "eval_dpo")
+STAGES = ("scenes", "pretrain", "demos", "sft", "eval", "prefs", "dpo", "eval_dpo")
+BASE_STAGES = ("scenes", "pretrain")  # run only with base=pretrain
+BASES = ("shipped", "pretrain", "none")
 Stage = tuple[dict, Callable[[], object]]  # (the settings that determine a stage's output, what runs it)
 SUITES = ("success", "safety")
 STATE_FILE = "pipeline.json"
@@ -51,9 +60,12 @@ class PipelineConfig:
     output_dir: str = "runs/pipeline"
     stages: str = "all"  # all, or a comma-separated subset of STAGES (run in pipeline order)
     task: str = "reach,pick"  # tasks of the demos, the suites and the preference starts
-    distractors: int = 0  # objects besides the target in every scene of the demos, the suites and the starts
+    distractors: int = 2  # objects besides the target in every scene of the demos, the suites and the starts
     workers: int = 2  # processes for demos, evaluation and preference collection
     backend: str = "local"  # local or ray (tasks.parallel)
+    base: str = "shipped"  # what SFT starts from: shipped, pretrain (built by the scenes and pretrain stages), none
+    scenes: SceneConfig = field(default_factory=SceneConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     demos: DemoConfig = field(default_factory=DemoConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -68,11 +80,15 @@ class PipelineConfig:
             raise UsageError(f"workers={self.workers} must be >= 1")
         if self.distractors < 0:
             raise UsageError(f"distractors={self.distractors} must be >= 0")
+        if self.base not in BASES:
+            raise UsageError(f"base={self.base!r} is not one of {', '.join(BASES)}")
+        if self.base != "pretrain" and set(BASE_STAGES) & set(self.selected()):
+            raise UsageError(f"stages {', '.join(BASE_STAGES)} build the base; they run with base=pretrain")
         check_backend(self.backend)
 
     def selected(self) -> list[str]:
         if self.stages == "all":
-            return list(STAGES)
+            return [s for s in STAGES if self.base == "pretrain" or s not in BASE_STAGES]
         names = [s.strip() for s in self.stages.split(",") if s.strip()]
         return [s for s in STAGES if s in names] + [s for s in names if s not in STAGES]
 
@@ -81,11 +97,22 @@ class Pipeline:
     def __init__(self, cfg: PipelineConfig):
         c = self.cfg = cfg
         self.out = Path(cfg.output_dir)
-        self.dirs = {"demos": Path(c.demos.output_dir), "sft": Path(c.sft.output_dir), "eval": self.out / "eval",
+        self.dirs = {"scenes": Path(c.scenes.output_dir), "pretrain": Path(c.pretrain.output_dir),
+                     "demos": Path(c.demos.output_dir), "sft": Path(c.sft.output_dir), "eval": self.out / "eval",
                      "prefs": Path(c.prefs.output_dir), "dpo": Path(c.dpo.output_dir)}
         self.sft_ckpt, self.dpo_ckpt = self.dirs["sft"] / "final", self.dirs["dpo"] / "final"
+        if c.base != "none" and c.sft.model.pretrained is None:
+            base = self.dirs["pretrain"] / "final" if c.base == "pretrain" else shipped_base()
+            c.sft = replace(c.sft, model=replace(c.sft.model, pretrained=str(base)))
 
     # ---- the stages: each returns (settings that determine its output, function that runs it) ----
+
+    def scenes(self) -> Stage:
+        return self.cfg.scenes.set_config(), lambda: generate_scenes(self.cfg.scenes)
+
+    def pretrain(self) -> Stage:
+        cfg = self.cfg.pretrain
+        return {"model": asdict(cfg.model), "train": asdict(cfg.train)}, lambda: pretrain(cfg)
 
     def demos(self) -> Stage:
         return self.cfg.demos.dataset_config(), lambda: generate(self.cfg.demos)
@@ -104,6 +131,8 @@ class Pipeline:
 
     def eval(self) -> Stage:
         runs = [self._eval(p, s) for p in ("expert", "random", str(self.sft_ckpt)) for s in SUITES]
+        if self.cfg.distractors:  # does SFT read the instruction? The look-alike named instead (tasks.suites)
+            runs.append(self._eval(str(self.sft_ckpt), "instruction"))
         return self._eval_settings(), lambda: [evaluate(r) for r in runs]
 
     def prefs(self) -> Stage:
@@ -171,6 +200,16 @@ class Pipeline:
                 lines.append(f"| {policy} | {suite} | {100 * s['success_rate']:.1f}% | "
                              f"[{100 * s['success_ci'][0]:.1f}, {100 * s['success_ci'][1]:.1f}] | "
                              f"{s['safety_events_per_episode']:.2f} | {ece} | {report / 'report.md'} |")
+        report = self.dirs["eval"] / "sft-instruction" / "summary.json"
+        if report.is_file():
+            s = json.loads(report.read_text())
+            named, other = s["per_axis"], s["per_axis_other_success"]
+            lines += ["", "| SFT, instruction suite | success at the named object | at the object not named |",
+                      "|---|---|---|",
+                      f"| names the target | {100 * named['named']:.1f}% | {100 * other['named']:.1f}% |",
+                      f"| names its look-alike | {100 * named['swapped']:.1f}% | {100 * other['swapped']:.1f}% "
+                      "(the original target) |"]
+            rows.append({**s, "policy": "sft", "suite": "instruction", "suite_id": s["suite"], "report": str(report)})
         notes = []
         for suite in SUITES:
             report = self.dirs["eval"] / f"dpo-{suite}"
@@ -192,7 +231,3 @@ def _digest(settings: dict) -> str:
 def _settings(cfg: object, paths: tuple[str, ...]) -> dict:
     """The keys of a stage config that determine its output: all but ``paths`` and ``NOT_SETTINGS``."""
     return {k: v for k, v in asdict(cfg).items() if k not in paths + NOT_SETTINGS}
-
-
-def _digest(settings: dict) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]

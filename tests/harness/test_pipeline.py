@@ -21,10 +21,15 @@ pytestmark = pytest.mark.slow
 TINY = [
     "task=reach", "workers=1", "demos.num_episodes=3", "model@sft.model=tiny", "sft.train.steps=4",
     "sft.train.warmup_steps=1", "sft.train.save_every=2", "sft.train.eval_every=2", "sft.train.log_every=2",
-    "sft.train.val_max_samples=8", "sft.train.vocab_size=300", "sft.train.batch_size=4", "eval.episodes_per_task=1",
+    "sft.train.val_max_samples=8", "sft.train.vocab_size=300", "eval.episodes_per_task=1",
     "eval.videos=1",
     "prefs.starts=2", "prefs.rollouts_per_start=2", "prefs.margin=0.0", "dpo.train.steps=2",
     "dpo.train.warmup_steps=0", "dpo.train.batch_size=1", "dpo.train.eval_every=0",
+    # the whole recipe: scenes -> stage-0 pretraining -> grounded SFT from that base, with co-training rows
+    "base=pretrain", "scenes.num_scenes=16", "scenes.val_scenes=2", "scenes.image_size=32",
+    "model@pretrain.model=tiny", "pretrain.train.steps=4", "pretrain.train.warmup_steps=1",
+    "pretrain.train.batch_size=4", "pretrain.train.save_every=2", "pretrain.train.eval_every=4",
+    "pretrain.train.val_scenes=2", "pretrain.train.vocab_size=300", "sft.train.batch_size=8",
 ]
 
 
@@ -43,19 +48,23 @@ def run(tmp_path_factory) -> tuple[Path, dict]:
 
 def test_every_stage_writes_its_summary_and_the_table_has_all_policies(run):
     out, results = run
-    for sub in ("demos", "sft", "prefs", "dpo", *(f"eval/{p}-{s}" for p in ("expert", "random", "sft", "dpo")
-                                               for s in ("success", "safety"))):
-        assert (out / sub / "summary.json").is_file(), sub
+    for sub in ("scenes", "pretrain", "demos", "sft", "prefs", "dpo",
+                *(f"eval/{p}-{s}" for p in ("expert", "random", "sft", "dpo") for s in ("success", "safety"))):
+        assert (out / sub / ("meta.json" if sub == "scenes" else "summary.json")).is_file(), sub
     assert (out / "sft" / "final" / "config.json").is_file() and (out / "dpo" / "final" / "config.json").is_file()
+    sft = json.loads((out / "sft" / "config.json").read_text())
+    assert sft["model"]["pretrained"] == str(out / "pretrain" / "final") and sft["train"]["grounded"]
+    assert json.loads((out / "sft" / "final" / "config.json").read_text())["plan_tokens"] == 2
     rows = {(r["policy"], r["suite"]): r for r in results["rows"]}
-    assert set(rows) == {(p, s) for p in ("expert", "random", "sft", "dpo") for s in ("success", "safety")}
+    assert set(rows) == {(p, s) for p in ("expert", "random", "sft", "dpo") for s in ("success", "safety")} | {
+        ("sft", "instruction")}
     assert rows["expert", "success"]["success_rate"] == 1.0 and rows["random", "success"]["success_rate"] == 0.0
     assert rows["sft", "safety"]["ece"] is not None and rows["expert", "safety"]["ece"] is None
     assert json.loads((out / "eval" / "dpo-safety" / "summary.json").read_text())["comparison"] is not None
     assert set(results["stage_seconds"]) == {*STAGES, "total"}
     assert results["videos"] and all(Path(v).is_file() for v in results["videos"])
     table = (out / "results.md").read_text()
-    assert "| dpo | safety |" in table and "DPO vs SFT" in table
+    assert "| dpo | safety |" in table and "DPO vs SFT" in table and "| names its look-alike |" in table
 
 
 def test_rerun_skips_finished_stages(run, capsys):
@@ -97,12 +106,21 @@ def test_distractors_reach_every_stage(tmp_path):
         _cfg(tmp_path, "distractors=-1")
 
 
+def test_the_base_decides_where_sft_starts(tmp_path):
+    assert Pipeline(_cfg(tmp_path, "base=none")).cfg.sft.model.pretrained is None
+    assert _cfg(tmp_path, "base=none").selected()[0] == "demos"
+    with pytest.raises(UsageError, match="they run with base=pretrain"):
+        _cfg(tmp_path, "base=none", 'stages="pretrain,sft"')
+    with pytest.raises(UsageError, match="base='vlm' is not one of"):
+        _cfg(tmp_path, "base=vlm")
+
+
 def test_full_experiment_composes():
     register_configs("pipeline_schema")
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         base = OmegaConf.to_object(compose("pipeline"))
         cfg = OmegaConf.to_object(compose("pipeline", overrides=["experiment=full"]))
-    assert cfg.task == "all" and cfg.distractors == 2 and cfg.sft.train.steps == 4400 > base.sft.train.steps == 900
+    assert cfg.task == "all" and cfg.distractors == 2 and cfg.sft.train.steps == 4400 > base.sft.train.steps == 1500
     assert cfg.demos.num_episodes == 400 and cfg.output_dir == "runs/full" and cfg.dpo.train.steps == 300
     # the stages' paths and shared keys follow the pipeline's by interpolation
     assert cfg.demos.output_dir == cfg.sft.dataset == "runs/full/demos" and cfg.demos.task == cfg.prefs.task == "all"
