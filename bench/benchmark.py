@@ -4,10 +4,11 @@
     python scripts/benchmark.py --only sim --seconds 5
 
 Sections: sim (control steps/s with a 128 px image vs panda-gym PandaPickAndPlace-v3 rendering 128 px; 1 vs 2
-worker processes), demos (generation frames/s, 1 vs 2 workers), policy (one action vs one prompt forward and HF
-generate), train (SFT step vs a naive transformers forward/backward), eval (episodes/min of the expert and of the
-default VLA on the success suite, 2 workers), pipeline (stage times of the pipeline on its embedded defaults:
-runs it into --pipeline-dir, or reads the times of a finished run there).
+worker processes), demos (generation frames/s, 1 vs 2 workers), policy (one action, autoregressive, parallel and
+in chunks of 4 and 8, vs one prompt forward and HF generate), train (SFT step vs a naive transformers
+forward/backward), eval (episodes/min of the expert and of the default VLA on the success suite, 2 workers), pipeline
+(stage times of the pipeline on its embedded defaults: runs it into --pipeline-dir, or reads the times of a finished
+run there).
 """
 
 from __future__ import annotations

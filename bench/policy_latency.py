@@ -6,10 +6,15 @@ The default model (``VLAModelConfig()``, random init) with a tokenizer trained o
 once per round, round-robin, so that load from other jobs on the machine hits all of them alike; the figures are
 medians over the rounds after warm-up, in milliseconds per action. Cases:
 
-- ``floor_b1``: one ``model(...)`` forward over the prompt (image + instruction), inputs prebuilt, the logits of
-  the last position only: the least any decoder must spend before its first action token.
+- ``floor_b1`` / ``floor_b8``: one ``model(...)`` forward over the prompt (image + instruction), inputs prebuilt, the
+  logits of the last position only: the least any decoder must spend before its first action token.
 - ``ours_b1`` / ``ours_b8``: ``VLAPolicy.act`` / ``act_batch`` end to end (inputs, prompt forward, 7 tokens,
-  un-normalised actions); b8 is per action.
+  un-normalised actions) with the autoregressive head; b8 is per action.
+- ``parallel_b1`` / ``parallel_b8``: the same with the parallel head (``vla.parallel``, K = 1): the 7 tokens from
+  one forward over the prompt and 7 slots.
+- ``chunk4_b1`` ... ``chunk8_b8``: the parallel head with chunks of K = 4 or 8 actions executed open loop: one round
+  is K calls from a fresh chunk (one forward over the prompt and K * 7 slots, then K - 1 calls that read the chunk),
+  divided by the K (times 8) actions.
 - ``hf_loop_b1``: ``VLAPolicy(fast=False)``, the model's own cached forward for every token.
 - ``generate_b1`` / ``generate_b8``: ``model.generate`` of the 7 tokens, greedy, restricted to the action ids by a
   logits processor, inputs prebuilt.
@@ -26,6 +31,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable
+from copy import deepcopy as copy_module
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +41,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from vla.action_tokenizer import ActionTokenizer
 from vla.inputs import PROMPT_TEMPLATE, build_inputs, model_inputs
 from vla.model import VLAModelConfig, build_vla
+from vla.parallel import set_action_head
 from vla.policy import VLAPolicy
 from vla.text_tokenizer import action_token_offset, build_tokenizer
 
@@ -44,7 +51,14 @@ INSTRUCTIONS = (
     "stack the yellow block on the red cube",
     "put the green cylinder in the bowl",
 )
-TARGETS = {"ours_b1 / floor_b1": ("<=", 1.3), "generate_b1 / ours_b1": (">=", 2.5)}
+TARGETS = {"ours_b1 / floor_b1": ("<=", 1.3), "generate_b1 / ours_b1": (">=", 2.5),
+           "parallel_b1 / floor_b1": ("<=", 1.1), "generate_b1 / chunk8_b1": (">=", 8.0)}
+CHUNKS = (1, 4, 8)  # K of the parallel policies
+
+
+def chunk_name(K: int) -> str:
+    """The case name of the parallel policy with chunks of K actions (without its batch size)."""
+    return "parallel" if K == 1 else f"chunk{K}"
 
 
 class ActionIdsOnly(LogitsProcessor):
@@ -81,6 +95,11 @@ def measure(arch: str = "fast_vlm", batch: int = 8, repeats: int = 20, warmup: i
     model, lo = vla.model, action_tokenizer.token_offset
     ours = VLAPolicy(vla, action_tokenizer)
     hf_loop = VLAPolicy(vla, action_tokenizer, fast=False)
+    parallel = {}  # K -> a policy over a copy of the model with the parallel head (random init, like the others)
+    for K in CHUNKS:
+        twin = vla._replace(model=copy_module(model))
+        set_action_head(twin.model, "parallel", K)
+        parallel[K] = VLAPolicy(twin, action_tokenizer)
     inputs = {
         n: model_inputs(build_inputs(vla, np.stack([o["image"] for o in observations[:n]]),
                                      [o["instruction"] for o in observations[:n]],
@@ -105,10 +124,18 @@ def measure(arch: str = "fast_vlm", batch: int = 8, repeats: int = 20, warmup: i
             for weight in gemv_weights:
                 torch.mm(vectors[weight.shape[0]], weight)
 
+    def chunk_cycle(policy: VLAPolicy, n: int) -> None:
+        policy.reset()
+        for _ in range(policy.chunks.K):
+            policy.act_batch(observations[:n])
+
     cases: dict[str, tuple[Callable[[], object], int]] = {
         "floor_b1": (lambda: model(**inputs[1], logits_to_keep=1), 1),
+        f"floor_b{batch}": (lambda: model(**inputs[batch], logits_to_keep=1), batch),
         "ours_b1": (lambda: ours.act(observations[0]), 1),
         f"ours_b{batch}": (lambda: ours.act_batch(observations), batch),
+        **{f"{chunk_name(K)}_b{n}": (lambda p=policy, n=n: chunk_cycle(p, n), n * K)
+           for K, policy in parallel.items() for n in (1, batch)},
         "hf_loop_b1": (lambda: hf_loop.act(observations[0]), 1),
         "generate_b1": (lambda: generate(1), 1),
         f"generate_b{batch}": (lambda: generate(batch), batch),
@@ -132,6 +159,10 @@ def measure(arch: str = "fast_vlm", batch: int = 8, repeats: int = 20, warmup: i
         f"ours_b{batch} / ours_b1": ms[f"ours_b{batch}"] / ms["ours_b1"],
         "hf_loop_b1 / ours_b1": ms["hf_loop_b1"] / ms["ours_b1"],
         "(floor_b1 + gemv6_b1) / floor_b1": (ms["floor_b1"] + ms["gemv6_b1"]) / ms["floor_b1"],
+        "parallel_b1 / floor_b1": ms["parallel_b1"] / ms["floor_b1"],
+        f"parallel_b{batch} / floor_b{batch}": ms[f"parallel_b{batch}"] / ms[f"floor_b{batch}"],
+        **{f"{peer}_b{n} / {chunk_name(K)}_b{n}": ms[f"{peer}_b{n}"] / ms[f"{chunk_name(K)}_b{n}"]
+           for peer in ("generate", "ours") for n in (1, batch) for K in CHUNKS},
     }
     return {
         "arch": arch,

@@ -2,8 +2,9 @@
 
 Under the set's root: the LeRobot v3 dataset of every rollout (episode = start * K + k), ``rollouts.parquet`` (one
 row per episode: start, seeds, outcome, judge scores, safety counts, action token ids (T, D), log-probs,
-confidences) and ``pairs.parquet`` (pair_index, start_index, chosen / rejected episode indices, per-axis scores,
-gap, main axis, reason). ``harness.preferences`` writes it, ``vla.dpo`` trains on it.
+confidences, chunk offsets (T,): steps since each action's chunk was predicted, 0 when absent) and ``pairs.parquet``
+(pair_index, start_index, chosen / rejected episode indices, per-axis scores, gap, main axis, reason).
+``harness.preferences`` writes it, ``vla.dpo`` trains on it.
 """
 
 from __future__ import annotations
@@ -56,8 +57,12 @@ class PreferenceSet:
                 raise UsageError(f"preferences={root} holds no {name}; rerun scripts/collect_preferences.py with the "
                                  "same arguments until it writes summary.json")
         self.frames = LeRobotDataset(self.root)
-        rows = pq.read_table(self.root / ROLLOUTS_FILE, columns=["episode_index", "token_ids", "success"]).to_pylist()
+        names = pq.read_schema(self.root / ROLLOUTS_FILE).names
+        columns = ["episode_index", "token_ids", "success"] + [c for c in ("chunk_offsets",) if c in names]
+        rows = pq.read_table(self.root / ROLLOUTS_FILE, columns=columns).to_pylist()
         self.token_ids = {r["episode_index"]: np.asarray(r["token_ids"], dtype=np.int64) for r in rows}  # (T, D)
+        self.offsets = {r["episode_index"]: np.asarray(r.get("chunk_offsets") or np.zeros(len(r["token_ids"])),
+                                                       dtype=np.int64) for r in rows}  # (T,)
         success = {r["episode_index"]: r["success"] for r in rows}
         self.pairs = pq.read_table(self.root / PAIRS_FILE, columns=["start_index", "chosen", "rejected"]).to_pylist()
         if not self.pairs:
@@ -87,9 +92,14 @@ class PreferenceSet:
                 raise UsageError(f"preferences={self.root}: episode {ep} holds token ids outside the policy's "
                                  f"{width} x [{lo}, {hi}) plan and action tokens; collect preferences with this policy")
 
-    def steps(self, ep: int, n: int | None = None) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray]:
+    def steps(self, ep: int, n: int | None = None) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray,
+                                                             np.ndarray]:
         """The first ``n`` (all) steps of episode ``ep``: images (n, H, W, 3) uint8, instructions, token ids (n, D),
-        proprio states (n, S)."""
+        proprio states (n, S), chunk offsets (n,). Images and states are those each step's action was predicted
+        from: frame t - offset_t (the step's own frame unless a chunked policy acted)."""
         items = [self.frames[i] for i in self.frames.episode_frames(ep)[:n]]
-        return (np.stack([it["image"] for it in items]), [self.frames.episodes[ep]["instruction"]] * len(items),
-                self.token_ids[ep][: len(items)], np.stack([it["state"] for it in items]))
+        offsets = self.offsets[ep][: len(items)]
+        source = np.arange(len(items)) - offsets  # (n,)
+        images, states = np.stack([it["image"] for it in items]), np.stack([it["state"] for it in items])
+        instructions = [self.frames.episodes[ep]["instruction"]] * len(items)
+        return images[source], instructions, self.token_ids[ep][: len(items)], states[source], offsets

@@ -5,7 +5,9 @@ batches of a preference set (``store.preferences.PreferenceSet``, written by ``h
 reference's log-probs, and ``train_dpo(cfg)``: the DPO trainer in ``vla.loop.run``, on one process.
 
 Log-probabilities are those the policy samples from: the softmax over the action-token ids only (``VLAPolicy``'s
-``log_probs``), summed over the D action tokens of a step. A trajectory's log-probability is the sum over its steps
+``log_probs``), summed over the D action tokens of a step. A chunked policy's step (``vla.parallel``) is scored on
+the frame its chunk was predicted from (``t - chunk_offset``), its action's slots of that chunk, with the chunk's
+plan at offset 0 only. A trajectory's log-probability is the sum over its steps
 (GRAPE's trajectory-wise preference optimisation, ``level=trajectory``); ``level=step`` instead makes every aligned
 step i < min(T_chosen, T_rejected) of a pair its own DPO example. Every micro-batch is one forward over all the
 frames of its chosen and rejected rollouts (right-padded, logits only at the scored positions). The reference
@@ -43,6 +45,7 @@ from vla.grounding import plan_tokens
 from vla.inputs import IGNORE_INDEX, build_inputs, model_inputs
 from vla.loop import Dist, LoopConfig, LoopResult, distributed, run, split_episodes
 from vla.model import VLA, load_model
+from vla.parallel import is_parallel, step_inputs as parallel_step_inputs, target_logps
 from vla.run_state import weights_digest
 
 REFERENCE_FILE = "reference_logps.parquet"
@@ -106,8 +109,10 @@ def action_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], ids: sl
     under the softmax over the action ids ``ids``.
 
     ``batch`` comes from ``step_inputs`` (right-padded); the LM head runs only from the position before the
-    earliest scored token on.
+    earliest scored token on. A parallel model's batch (with ``targets``) is scored by ``vla.parallel.target_logps``.
     """
+    if "targets" in batch:
+        return target_logps(model, batch, ids)
     first = int((batch["labels"] != IGNORE_INDEX).float().argmax(dim=1).min())  # the earliest scored token
     keep = batch["input_ids"].shape[1] - first + 1
     inputs = {k: v for k, v in model_inputs(batch).items() if k != "labels"}
@@ -156,9 +161,11 @@ class DPOConfig:
 
 
 def step_inputs(vla: VLA, images: np.ndarray, instructions: list[str], token_ids: np.ndarray, states: np.ndarray,
-                ) -> dict[str, torch.Tensor]:
+                offsets: np.ndarray | None = None) -> dict[str, torch.Tensor]:
     """``build_inputs`` over a policy's emitted token ids (n, P + D): a grounded model's P plan tokens, then the
-    actions (``VLAPolicy`` info ``token_ids``)."""
+    actions (``VLAPolicy`` info ``token_ids``); a parallel model's ``vla.parallel.step_inputs``, with ``offsets``."""
+    if is_parallel(vla.model):
+        return parallel_step_inputs(vla, images, instructions, token_ids, states, offsets)
     P = plan_tokens(vla.model)
     return build_inputs(vla, images, instructions, token_ids[:, P:], states, plan_ids=token_ids[:, :P] if P else None)
 
@@ -185,8 +192,8 @@ def pair_batch(prefs: PreferenceSet, pairs: list[dict], level: str, vla: VLA, re
     segment = np.asarray(segments[0] + [s + n for s in segments[1]])  # (N,)
     example_ref = np.zeros(2 * n)
     np.add.at(example_ref, segment, np.concatenate(frame_ref[0] + frame_ref[1]))
-    inputs = step_inputs(vla, np.concatenate([p[0] for p in parts]), [t for p in parts for t in p[1]],
-                         np.concatenate([p[2] for p in parts]), np.concatenate([p[3] for p in parts]))
+    images, token_ids, states, offsets = (np.concatenate([p[i] for p in parts]) for i in (0, 2, 3, 4))
+    inputs = step_inputs(vla, images, [t for p in parts for t in p[1]], token_ids, states, offsets)
     return {"inputs": inputs, "segments": torch.from_numpy(segment), "ref": torch.from_numpy(example_ref),
             "n": n}
 
@@ -203,7 +210,7 @@ def pair_step(model: torch.nn.Module, batch: dict, ids: slice, cfg: DPOConfig, d
     n = batch["n"]
     pi, ref = example_logps(model, batch, ids, device), batch["ref"].to(device)
     losses, chosen_rewards, rejected_rewards = dpo_loss(pi[:n], pi[n:], ref[:n], ref[n:], cfg.beta, cfg.loss_type)
-    labels = batch["inputs"]["labels"]
+    labels = batch["inputs"]["targets" if "targets" in batch["inputs"] else "labels"]
     scored = ((labels >= ids.start) & (labels < ids.stop)).sum(dim=1)  # (N,) plan and action tokens per frame
     nll = -pi[:n].sum() / int(scored[batch["segments"] < n].sum())  # per scored token of the chosen steps
     return {"objective": losses.mean() + cfg.alpha * nll, "losses": losses.detach(), "nll": nll.detach(),
@@ -232,11 +239,10 @@ def reference_logps(vla: VLA, prefs: PreferenceSet, ids: slice, device: torch.de
     model.eval()
     out = {}
     for ep in tqdm(prefs.episodes(), desc="reference", unit="ep", leave=False):
-        images, instructions, token_ids, states = prefs.steps(ep)
+        steps = prefs.steps(ep)
         chunks = []
-        for s in range(0, len(images), batch_frames):
-            window = slice(s, s + batch_frames)
-            batch = step_inputs(vla, images[window], instructions[window], token_ids[window], states[window])
+        for s in range(0, len(steps[0]), batch_frames):
+            batch = step_inputs(vla, *(part[s : s + batch_frames] for part in steps))
             with autocast():
                 chunks.append(action_logps(model, {k: v.to(device) for k, v in batch.items()}, ids).double().cpu())
         out[ep] = torch.cat(chunks).numpy()

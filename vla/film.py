@@ -65,8 +65,8 @@ class FilmFastVlm(FastVlmForConditionalGeneration):
                                    **kwargs)
         low, high = self.config.film_token_range
         words = (input_ids >= low) & (input_ids < high)
-        if attention_mask is not None:
-            words &= attention_mask.bool()
+        if attention_mask is not None and attention_mask.dim() == 2:  # a 4-D mask (vla.parallel) marks no padding
+            words &= attention_mask.bool()  # and needs none: pad ids lie outside the words' range
         embeddings = self.get_input_embeddings()(input_ids) * words[..., None]  # (B, L, H)
         mean = embeddings.sum(1) / words.sum(1, keepdim=True).clamp(min=1)
         # Normalised: token embeddings start ~0.02 per channel, which would keep the modulation ~100x too weak.

@@ -110,6 +110,20 @@ def build_queries(
     return _layout(vla, images, [p + arch.prefix_separator for p in prompts], [[*a, eos] for a in answers], states)
 
 
+def build_slots(
+    vla: VLA, images: np.ndarray | torch.Tensor, instructions: Sequence[str], slots: int,
+    states: np.ndarray | None = None,
+) -> dict[str, torch.Tensor]:  # fmt: skip
+    """The prompt rows of ``build_inputs`` (no actions) followed by ``slots`` placeholder tokens (the pad id) that
+    a parallel action head (``vla.parallel``) fills in one forward pass. Rows are left-padded, so the slots are the
+    last ``slots`` positions of every row; ``attention_mask`` is 1 on them, ``position_ids`` count them as tokens.
+    No ``token_type_ids``: ``vla.parallel.slot_mask`` gives the whole attention pattern."""
+    pad = vla.tokenizer.pad_token_id
+    out = _layout(vla, images, _prompts(vla, instructions), [[pad] * slots] * len(instructions), states, left_pad=True)
+    out.pop("token_type_ids", None)
+    return out
+
+
 def _prompts(vla: VLA, instructions: Sequence[str]) -> list[str]:
     separator = ARCHITECTURES[vla.model.config.model_type].prefix_separator
     return [PROMPT_TEMPLATE.format(instruction=text) + separator for text in instructions]

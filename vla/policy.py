@@ -3,13 +3,16 @@
 Decoding reads only the logits of the contiguous action-token ids (``ActionTokenizer.token_offset`` onwards), so no
 other token can ever be chosen. The first token comes from the Hugging Face forward over the prompt (the image and
 the instruction), which also fills the KV cache; the other D - 1 tokens come from ``vla.decoding`` (a hand-written
-lean decoder where the text model allows, else the model's own cached forward).
+lean decoder where the text model allows, else the model's own cached forward). A parallel model
+(``vla.parallel``) predicts all its tokens, a chunk of K actions, in one forward pass instead, and
+``vla.chunking`` executes the chunk.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -17,10 +20,12 @@ import torch
 
 from vla.action_tokenizer import ActionTokenizer
 from vla.checkpoint import load_action_tokenizers, pick_action_tokenizer
+from vla.chunking import ENSEMBLE_DECAY, ChunkExecution
 from vla.decoding import Decoding
 from vla.grounding import plan_tokens
-from vla.inputs import build_inputs, model_inputs
+from vla.inputs import build_inputs, build_slots, model_inputs
 from vla.model import VLA, load_model
+from vla.parallel import action_chunk, is_parallel, num_slots, parallel_blocker, slot_logits
 
 Observation = Mapping[str, Any]  # {"image": (H, W, 3) uint8, "state": (S,) float32, "instruction": str}
 
@@ -52,6 +57,12 @@ class VLAPolicy:
     constructor's seed when ``seed`` is None (like the scripted expert), so a rollout replays exactly. A batch
     draws its rows jointly, so sampled actions of a batch differ from those of single calls; greedy ones do not.
     ``fast=False`` forces the model's own cached forward for every token instead of the lean decoder.
+
+    A parallel model (``vla.parallel``) draws every token of a chunk of K actions in one forward pass and executes
+    the chunk as ``chunk_execution`` says (``vla.chunking``: ``open_loop``, or ``ensemble`` with ACT's
+    ``ensemble_decay``); ``info`` then also holds ``chunk_offset``, the steps since the executed action's chunk was
+    predicted, and ``log_probs`` counts a plan at offset 0 only. Its rows keep their chunks from call to call:
+    ``reset`` drops them, ``keep_rows`` tells which rows of a batch go on when episodes leave it.
     """
 
     def __init__(
@@ -64,6 +75,8 @@ class VLAPolicy:
         seed: int = 0,
         device: str | torch.device | None = None,
         fast: bool = True,
+        chunk_execution: str = "open_loop",
+        ensemble_decay: float = ENSEMBLE_DECAY,
     ) -> None:
         if not (np.isfinite(temperature) and temperature >= 0):
             raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
@@ -88,6 +101,13 @@ class VLAPolicy:
             raise ValueError("this model emits plan tokens but has no location tokenizer over its action ids; "
                              "load it with its location_tokenizer.json")
         self.fallback_reason = self.decoding.fallback_reason  # None: the lean decoder runs
+        self.chunks = None
+        if is_parallel(vla.model):
+            if blocker := parallel_blocker(vla.model):
+                raise ValueError(f"this parallel model cannot run: {blocker}")
+            self.slots = num_slots(vla.model, action_tokenizer.action_dim)
+            self.chunks = ChunkExecution(chunk_execution, action_chunk(vla.model), self.plan, action_tokenizer,
+                                         ensemble_decay)
         self.generator = torch.Generator(self.device)
         self.reset()
 
@@ -99,6 +119,14 @@ class VLAPolicy:
 
     def reset(self, seed: int | None = None) -> None:
         self.generator.manual_seed(self.seed if seed is None else seed)
+        if self.chunks is not None:
+            self.chunks.reset()
+
+    def keep_rows(self, rows: Sequence[int]) -> None:
+        """Only the rows ``rows`` (indices into the last ``act_batch``, in order) go on: a chunked policy keeps their
+        chunks. Nothing to do for an autoregressive model."""
+        if self.chunks is not None:
+            self.chunks.keep_rows(rows)
 
     def act(self, obs: Observation) -> tuple[np.ndarray, dict[str, Any]]:
         """One observation -> action (D,) float32 and info (see the class docstring)."""
@@ -110,14 +138,23 @@ class VLAPolicy:
         images = np.stack([np.asarray(obs["image"]) for obs in observations])  # (N, H, W, 3)
         instructions = [obs["instruction"] for obs in observations]
         states = np.stack([np.asarray(obs["state"]) for obs in observations]) if "state" in observations[0] else None
-        token_ids, log_probs = self.action_tokens(images, instructions, states)
-        token_ids, P = token_ids.cpu().numpy(), self.plan
-        probs = log_probs[:, P:].exp().cpu().numpy()
+        extra = {}
+        if self.chunks is None:
+            token_ids, log_probs = (t.cpu().numpy() for t in self.action_tokens(images, instructions, states))
+        else:
+            def predict(rows: np.ndarray) -> tuple[np.ndarray, ...]:
+                return self.chunk_tokens(images[rows], [instructions[r] for r in rows],
+                                         None if states is None else states[rows])
+
+            token_ids, log_probs, extra["chunk_offset"] = self.chunks.step(len(observations), predict)
+        P = self.plan
+        probs = np.exp(log_probs[:, P:]).astype(np.float32)
         info = {
             "token_ids": token_ids,
             "probs": probs,
             "confidence": action_confidence(probs).astype(np.float32),
-            "log_probs": log_probs.sum(dim=-1).double().cpu().numpy(),
+            "log_probs": log_probs.sum(axis=-1, dtype=np.float64),
+            **extra,
         }
         if P:
             place = np.concatenate([token_ids[:, :P], token_ids[:, :1]], axis=1)  # (N, 3): z is not decoded
@@ -129,11 +166,7 @@ class VLAPolicy:
                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 images (N, H, W, 3), N instructions and proprio states (N, S) (read only by a model with a state
         tokenizer) -> the emitted token ids (N, P + D), plan then actions, and their log-probs (N, P + D)."""
-        model = self.vla.model
-        was_training = model.training
-        if was_training:
-            model.eval()
-        try:
+        with self._eval() as model:
             batch = build_inputs(self.vla, images, instructions, states=states)
             batch = {k: v.to(self.device) for k, v in batch.items()}
             out = model(**model_inputs(batch), use_cache=True, logits_to_keep=1)
@@ -147,10 +180,35 @@ class VLAPolicy:
                 log_probs.append(log_prob)
                 if d + 1 < D:
                     logits = decoder.step(chosen)
+        return torch.stack(bins, dim=1) + self.ids.start, torch.stack(log_probs, dim=1)
+
+    @torch.inference_mode()
+    def chunk_tokens(self, images: np.ndarray, instructions: Sequence[str], states: np.ndarray | None = None,
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A parallel model's one forward pass over N observations -> the token ids of its S = P + K * D slots
+        (N, S) int64, their log-probs (N, S) float64, and the log-probs over the bins of the first action's D slots
+        (N, D, n_bins) (a ``vla.chunking.Predict``)."""
+        with self._eval() as model:
+            batch = build_slots(self.vla, images, instructions, self.slots, states)
+            logits = slot_logits(model, {k: v.to(self.device) for k, v in batch.items()}, self.slots)[..., self.ids]
+        chosen, log_probs = self._choose(logits.flatten(0, 1))  # (N * S,) each
+        N, D = len(instructions), self.action_tokenizer.action_dim
+        first = torch.log_softmax(logits[:, self.plan : self.plan + D].float(), dim=-1)  # (N, D, n_bins)
+        return ((chosen.view(N, -1) + self.ids.start).cpu().numpy(), log_probs.view(N, -1).double().cpu().numpy(),
+                first.double().cpu().numpy())
+
+    @contextmanager
+    def _eval(self) -> Iterator[torch.nn.Module]:
+        """The model in eval mode, its train mode restored afterwards."""
+        model = self.vla.model
+        was_training = model.training
+        if was_training:
+            model.eval()
+        try:
+            yield model
         finally:
             if was_training:
                 model.train()
-        return torch.stack(bins, dim=1) + self.ids.start, torch.stack(log_probs, dim=1)
 
     def _choose(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Logits (N, n_bins) over the action tokens -> chosen bins (N,) and their temperature-1 log-probs (N,)."""

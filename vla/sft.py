@@ -31,6 +31,7 @@ from vla.grounding import PLAN_TOKENS, QUERIES, Queries, location_tokenizer, pla
 from vla.inputs import PROMPT_TEMPLATE, model_inputs
 from vla.loop import Dist, LoopConfig, LoopResult, distributed, run, split_episodes
 from vla.model import VLA, VLAModelConfig, build_vla, load_model
+from vla.parallel import action_chunk, check_action_head, parallel_loss, set_action_head
 from vla.run_state import no_hf_progress_bars
 from vla.text_tokenizer import action_token, action_token_offset, build_tokenizer
 
@@ -45,6 +46,14 @@ class ModelConfig(VLAModelConfig):
     # Read the robot's proprio state (tip position, orientation, gripper width) as 7 tokens after the image
     # tokens. A checkpoint that already reads it (resumed or pretrained) keeps its state statistics.
     proprio: bool = True
+    # vla.parallel: "parallel" predicts all the action tokens of a chunk of action_chunk actions in one forward pass
+    # (OpenVLA-OFT); "autoregressive" decodes 7 tokens one by one. Saved in config.json, read by the policy and DPO.
+    action_head: str = "autoregressive"
+    action_chunk: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_action_head(self.action_head, self.action_chunk)
 
 
 @dataclass
@@ -150,6 +159,7 @@ def build_model(cfg: SFTConfig, ds: LeRobotDataset, resume_from: Path | None) ->
     elif plan_tokens(vla.model):
         raise UsageError(f"{cfg.model.pretrained or resume_from} emits plan tokens before its actions; "
                          "fine-tune it with train.grounded=true")
+    set_action_head(vla.model, cfg.model.action_head, cfg.model.action_chunk)
     try:
         action_tok = ActionTokenizer.from_stats(
             ds.stats["action"], offset, tc.action_bins,
@@ -237,7 +247,10 @@ def batch_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], rows: int
 
     A grounded batch (``build_queries``, with co-training rows first) is scored on every labelled token: plan,
     actions and EOS of the action rows, the answers of the query rows (``vla.grounding.sequence_loss``: Gaussian
-    targets over the bins for location and action tokens alike); a plain one on its actions and EOS only."""
+    targets over the bins for location and action tokens alike); a plain one on its actions and EOS only; a parallel
+    one (``vla.parallel.parallel_loss``) on its slots and co-training answers."""
+    if "targets" in batch:
+        return parallel_loss(model, batch, tok, sigma, autocast, plan)
     if "answer_starts" not in batch:
         with autocast():
             logits, targets = action_logits(model, batch)
@@ -294,7 +307,7 @@ class SFT:
     def build(self, resume_from: Path | None) -> torch.nn.Module:
         tc, env, ds = self.cfg.train, self.env, self.ds
         self.vla, self.action_tok = build_model(self.cfg, ds, resume_from)
-        self.frames = FrameDataset(ds, self.action_tok)
+        self.frames = FrameDataset(ds, self.action_tok, action_chunk(self.vla.model))
         self.train_frames = [i for ep in self.train_eps for i in ds.episode_frames(ep)]
         val_frames = [i for ep in self.val_eps for i in ds.episode_frames(ep)]
         val_frames = sorted({val_frames[int(i)] for i in np.linspace(0, len(val_frames) - 1, tc.val_max_samples)}
