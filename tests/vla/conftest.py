@@ -1,4 +1,4 @@
-"""Fixtures of the parallel action head's tests (test_parallel.py, test_chunking.py): tiny parallel VLAs and the
+"""Fixtures of the parallel action head's tests (test_parallel_decoding.py, test_chunking.py): tiny parallel VLAs and the
 action tokenizer they act with."""
 
 from collections.abc import Callable

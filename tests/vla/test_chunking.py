@@ -14,7 +14,7 @@ import torch
 from store.lerobot import Episode
 from store.preferences import PAIRS_FILE, ROLLOUTS_FILE, PreferenceSet
 from store.writer import DatasetWriter
-from test_parallel import D, INSTRUCTIONS, observations
+from test_parallel_decoding import D, INSTRUCTIONS, observations
 from test_sft import ACTION_NAMES
 from vla.checkpoint import load_checkpoint, save_checkpoint
 from vla.dpo import DPOConfig, action_logps, reference_logps, step_inputs, train_dpo
