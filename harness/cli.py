@@ -27,6 +27,7 @@ SCHEMAS = {
     "pretrain_schema": "vla.pretrain:PretrainConfig",
     "sft_schema": "vla.sft:SFTConfig",
     "evaluate_schema": "harness.evaluate:EvalConfig",
+    "calibrate_schema": "harness.calibrate:CalibrateConfig",
     "collect_preferences_schema": "harness.preferences:CollectConfig",
     "dpo_schema": "vla.dpo:DPOConfig",
     "pipeline_schema": "harness.pipeline:PipelineConfig",

@@ -4,9 +4,13 @@
 
     python scripts/evaluate.py policy=runs/sft/final suite=success episodes_per_task=50 workers=2
     python scripts/evaluate.py policy=runs/dpo/final baseline=runs/sft/final suite=safety
+    python scripts/evaluate.py policy=runs/sft/final abstain_below=0.3     # stop-and-ask (docs/calibration.md)
 
 Writes report.md, metrics.json, summary.json, PNG plots and GIF rollouts into output_dir and prints the headline.
-Rerunning after an interruption resumes from the finished episodes.
+Rerunning after an interruption resumes from the finished episodes. With a calibration (the checkpoint's own
+calibration.json, or ``calibration=``) the report adds the calibrated probability of success and selective prediction;
+with ``abstain_below`` the policy stops when that probability falls below it, abstained episodes are counted apart,
+and they run again without stopping (``remainder/``) to show what abstention saved and what it cost.
 """
 
 from __future__ import annotations
@@ -16,9 +20,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.policies import PolicySpec
+from harness.policies import PolicySpec, resolve_calibration
 from store.errors import UsageError
 from store.files import write_json
+from tasks import selective
+from tasks.calibration import StopAndAsk
 from tasks.evaluation import evaluate_manifest, load_results
 from tasks.parallel import check_backend
 from tasks.report import compare, compute_metrics, write_report
@@ -40,9 +46,13 @@ class EvalConfig:
     unnorm_key: str | None = None  # which action statistics of a multi-dataset checkpoint
     image_size: int = 96
     distractors: int | None = None  # objects besides the target in every episode (null: the suite's own, 2)
+    calibration: str | None = None  # a calibration.json (or its directory); null: the checkpoint's own, if any
+    abstain_below: float | None = None  # stop-and-ask: stop when the calibrated probability of success drops below
     output_dir: str = "reports/success"  # conf/evaluate.yaml: reports/<suite>
 
     def __post_init__(self) -> None:
+        if self.abstain_below is not None and not 0 < self.abstain_below < 1:
+            raise UsageError(f"abstain_below={self.abstain_below} must lie in (0, 1) (null: never abstain)")
         if self.workers < 1 or self.batch < 1 or self.videos < 0:
             raise UsageError(f"workers={self.workers} and batch={self.batch} must be >= 1, videos={self.videos} >= 0")
         if self.temperature < 0:
@@ -54,19 +64,21 @@ def _is_report(path: str) -> bool:
     return (Path(path) / "manifest.json").is_file() and (Path(path) / "metrics.json").is_file()
 
 
-def _claim(out_dir: Path, manifest: dict, policy: str) -> None:
-    """Tie out_dir to one (manifest, policy): a rerun resumes it, anything else is refused."""
+def claim_dir(out_dir: Path, manifest: dict, policy: str, settings: dict | None = None) -> None:
+    """Tie out_dir to one (manifest, policy, settings that change the episodes): a rerun resumes it, anything else
+    is refused."""
     stamp = out_dir / "manifest.json"
     if stamp.exists():
         old = json.loads(stamp.read_text())
-        if old["id"] != manifest["id"] or old.get("policy") != policy:
+        if old["id"] != manifest["id"] or old.get("policy") != policy or old.get("settings") != settings:
             raise UsageError(
-                f"{out_dir} holds an evaluation of {old.get('policy')} on {old['id']}, not {policy} on "
-                f"{manifest['id']}; choose another output_dir or delete it"
+                f"{out_dir} holds an evaluation of {old.get('policy')} on {old['id']} ({old.get('settings')}), not "
+                f"{policy} on {manifest['id']} ({settings}); choose another output_dir or delete it"
             )
         return
     out_dir.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(json.dumps({**manifest, "policy": policy}, indent=1))
+    stamp.write_text(json.dumps({**manifest, "policy": policy, **({"settings": settings} if settings else {})},
+                                indent=1))
 
 
 def evaluate(cfg: EvalConfig, command: str = "python scripts/evaluate.py") -> dict:
@@ -85,15 +97,27 @@ def evaluate(cfg: EvalConfig, command: str = "python scripts/evaluate.py") -> di
         else:
             base_spec = PolicySpec(cfg.baseline, cfg.temperature, cfg.unnorm_key)
             base_name = base_spec.name
+    calibration = resolve_calibration(spec, cfg.calibration, resolve_tasks(cfg.task))
+    if cfg.abstain_below is not None and calibration is None:
+        raise UsageError(f"abstain_below needs a calibration of {spec.name}: fit one with python scripts/calibrate.py "
+                         f"policy={spec.name} ... or pass calibration=PATH")
+    stop = None if cfg.abstain_below is None else StopAndAsk(calibration, cfg.abstain_below)
     out = Path(cfg.output_dir)
-    _claim(out, manifest, spec.name)
+    claim_dir(out, manifest, spec.name, stop and {"abstain_below": stop.abstain_below,
+                                                  "calibration": calibration.policy["digest"]})
     for stale in ("metrics.json", "summary.json"):
         (out / stale).unlink(missing_ok=True)
 
     start = time.perf_counter()
     run = dict(workers=cfg.workers, videos=cfg.videos, image_size=cfg.image_size, batch=cfg.batch,
                backend=cfg.backend)
-    rows = evaluate_manifest(manifest, spec, out, desc=f"{Path(spec.name).name} {cfg.suite}", **run)
+    rows = evaluate_manifest(manifest, spec, out, desc=f"{Path(spec.name).name} {cfg.suite}", monitor=stop, **run)
+    remainder = None
+    if stop is not None:  # the abstained episodes again, without stopping: what abstention saved and cost
+        again = {"id": f"{manifest['id']}-remainder", "episodes": [e for e, r in zip(manifest["episodes"], rows)
+                                                                   if r["abstained"]]}
+        claim_dir(out / "remainder", again, spec.name)
+        remainder = evaluate_manifest(again, spec, out / "remainder", desc="remainder", **{**run, "videos": 0})
     seconds = time.perf_counter() - start
     comparison = None
     if cfg.baseline is not None:
@@ -101,10 +125,10 @@ def evaluate(cfg: EvalConfig, command: str = "python scripts/evaluate.py") -> di
             base_rows = list(load_results(Path(cfg.baseline)).values())
         else:
             base_out = out / "baseline"
-            _claim(base_out, manifest, base_name)
+            claim_dir(base_out, manifest, base_name)
             base_rows = evaluate_manifest(manifest, base_spec, base_out, desc=f"baseline {cfg.suite}", **run)
         comparison = compare(rows, base_rows, spec.name, base_name)
-    metrics = compute_metrics(rows, manifest, spec.name, out)
+    metrics = compute_metrics(rows, manifest, spec.name, out, calibration, cfg.abstain_below, remainder)
     write_report(out, metrics, rows, command, comparison)
     o, cal = metrics["overall"], metrics["calibration"]
     summary = {
@@ -118,9 +142,10 @@ def evaluate(cfg: EvalConfig, command: str = "python scripts/evaluate.py") -> di
         "per_axis_other_success": {k: v["other_success"]["rate"] for k, v in metrics["per_axis"].items()
                                    if "other_success" in v} or None,
         "comparison": None if comparison is None else {k: comparison[k] for k in ("verdict_success", "verdict_safety")},
+        **selective.summary(metrics),
     }
     write_json(out / "summary.json", summary)
-    print(f"{spec.name} on {manifest['id']}: success {100 * o['rate']:.1f}% "
+    print(f"{spec.name} on {manifest['id']}: success {100 * (o['rate'] or 0):.1f}% "
           f"[{100 * o['ci_low']:.1f}, {100 * o['ci_high']:.1f}] over {o['n']} episodes, "
           f"{summary['safety_events_per_episode']:.2f} safety events per episode")
     for task, rate in summary["per_task"].items():
@@ -128,6 +153,12 @@ def evaluate(cfg: EvalConfig, command: str = "python scripts/evaluate.py") -> di
     for axis, rate in (summary["per_axis_other_success"] or {}).items():
         print(f"  {axis}: success {100 * summary['per_axis'][axis]:.1f}% at the named object, "
               f"{100 * rate:.1f}% at the other")
+    if summary["calibrated_ece"] is not None:
+        print(f"  calibrated probability: ECE {summary['calibrated_ece']:.3f} (raw confidence {summary['ece']:.3f})")
+    if summary["abstained"] is not None:
+        print(f"  stop-and-ask: {summary['abstained']} episodes abstained (coverage {100 * summary['coverage']:.1f}%); "
+              f"without abstention success {100 * summary['success_rate_without_abstention']:.1f}%, "
+              f"{summary['safety_events_per_episode_without_abstention']:.2f} events per episode")
     if comparison:
         print(" ", comparison["verdict_success"], "\n ", comparison["verdict_safety"])
     print(f"wrote {out.resolve()}/report.md")

@@ -10,7 +10,9 @@ the test range) and, on a ``safety_fraction`` of each task's starts, the safety 
 keep-out zone beside the path), else the training distribution. Rollout k of a start resets the env with the same
 seed and options, so all K begin in the identical simulator state, and samples the policy at ``temperature`` (and
 ``top_p``, nucleus sampling) with its own seed (from the start's seed and k). ``tasks.judge`` scores each rollout
-and ``pick_pairs`` pairs them; rollouts that ended in a physics error are stored but never paired.
+and ``pick_pairs`` pairs them; rollouts that ended in a physics error are stored but never paired. When the checkpoint
+holds a calibration.json fitted under the same decoding settings (``scripts/calibrate.py ... temperature=1.0``), the
+judge's calibrated axis reads the calibrated probability of success instead of the raw token confidence.
 
 Writes into output_dir a preference set (``store.preferences``: the rollouts as a LeRobot v3 dataset, episode =
 start * K + k, ``rollouts.parquet`` and ``pairs.parquet``) and ``summary.json``. Interrupted runs resume: finished
@@ -29,7 +31,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from harness.policies import BUILTIN, PolicySpec
+from harness.policies import BUILTIN, PolicySpec, resolve_calibration
 from sim.env import ACTION_NAMES, CONTROL_HZ, STATE_NAMES
 from sim.safety import COUNT_EVENTS
 from store.errors import MISSING, UsageError, require
@@ -38,6 +40,7 @@ from store.lerobot import Episode, is_complete
 from store.preferences import write_tables
 from store.writer import DatasetWriter
 from tasks import get_task, make_env
+from tasks.calibration import Calibration
 from tasks.judge import AXES, JudgeWeights, judge, pick_pairs, summarize
 from tasks.parallel import check_backend, worker_pool
 from tasks.rollout import rollout
@@ -71,7 +74,8 @@ class CollectConfig:
 
     def __post_init__(self) -> None:
         if self.policy in BUILTIN:
-            raise UsageError(f"policy={self.policy} reports no action tokens; pass a VLA checkpoint directory")
+            raise UsageError(f"policy={self.policy} is scripted: it reports no action tokens of a model for DPO to "
+                             "train; pass a VLA checkpoint directory")
         for name in ("starts", "rollouts_per_start", "pairs_per_start", "workers"):
             if getattr(self, name) < 1:
                 raise UsageError(f"{name}={getattr(self, name)} must be >= 1")
@@ -154,11 +158,12 @@ def _run_start(start: dict) -> tuple[dict, list, int]:
     return start, runs, budget
 
 
-def judge_start(cfg: CollectConfig, start: dict, runs: list, budget: int) -> dict:
+def judge_start(cfg: CollectConfig, start: dict, runs: list, budget: int, calibration: Calibration | None = None
+                ) -> dict:
     """The staged record of one start: a row per rollout and the chosen pairs."""
     K, rows, summaries = cfg.rollouts_per_start, [], []
     for k, r in enumerate(runs):
-        summary = summarize(r, budget)
+        summary = summarize(r, budget, calibration)
         scores = judge(summary, cfg.judge)
         summaries.append(summary)
         rows.append({
@@ -170,6 +175,8 @@ def judge_start(cfg: CollectConfig, start: dict, runs: list, budget: int) -> dic
             "token_ids": np.stack([i["token_ids"] for i in r.step_info]).tolist(),
             "log_probs": [float(i["log_probs"]) for i in r.step_info],
             "step_confidence": [float(i["confidence"]) for i in r.step_info],
+            "chunk_offsets": [int(i.get("chunk_offset", 0)) for i in r.step_info],
+            **({} if calibration is None else {"success_probability": summary.success_probability}),
         })  # fmt: skip
     valid = [k for k, r in enumerate(runs) if r.error is None]
     pairs = []
@@ -217,6 +224,7 @@ def collect(cfg: CollectConfig) -> dict:
     """Collect (or resume) the preference set described by ``cfg``; return the summary also written to summary.json."""
     require(cfg, "policy", "output_dir")
     spec = PolicySpec(cfg.policy, cfg.temperature, cfg.unnorm_key, cfg.top_p)  # raises for a directory without a model
+    calibration = resolve_calibration(spec, None, cfg.tasks())  # the checkpoint's own, if fitted for this run
     if not (Path(cfg.policy) / ACTION_STATS_FILE).is_file():
         raise UsageError(f"policy={cfg.policy} holds no {ACTION_STATS_FILE}; pass a checkpoint written by "
                          "scripts/train_sft.py")
@@ -240,7 +248,7 @@ def collect(cfg: CollectConfig) -> dict:
                         writer.write_episode(start["index"] * cfg.rollouts_per_start + k, Episode(
                             task=r.task, instruction=r.instruction, seed=r.seed, success=r.success, images=r.images,
                             states=r.states, actions=r.actions, safety=r.safety))
-                    record = judge_start(cfg, start, runs, budget)
+                    record = judge_start(cfg, start, runs, budget, calibration)
                     write_json(staging / f"start-{start['index']:06d}.json", record)
                     bar.update()
         finally:

@@ -4,7 +4,8 @@ Each worker builds its environments and its policy once (the policy from a pickl
 and runs fixed groups of consecutive manifest episodes in lockstep, the policy batched across them where it
 allows, with one torch thread (local processes or Ray actors: ``tasks.parallel``); a group's results depend only on the manifest, so the same metrics come out for
 any number of workers (tested). Finished episodes are appended to
-`episodes.jsonl`; a rerun skips them.
+`episodes.jsonl`; a rerun skips them. An optional picklable ``monitor(env)`` gives each episode a fresh monitor of its
+actions (``tasks.rollout.rollout_batch``), e.g. stop-and-ask (``tasks.calibration.StopAndAsk``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from tqdm import tqdm
 
 from store.files import atomic_write
 from tasks import make_env
+from tasks.calibration import episode_stats
 from tasks.parallel import worker_pool
 from tasks.rollout import rollout_batch
 
@@ -27,8 +29,8 @@ RESULTS_FILE = "episodes.jsonl"
 
 
 class _Worker:
-    def __init__(self, factory: Callable, image_size: int, out_dir: str):
-        self.factory, self.image_size, self.out_dir = factory, image_size, Path(out_dir)
+    def __init__(self, factory: Callable, image_size: int, out_dir: str, monitor: Callable | None = None):
+        self.factory, self.image_size, self.out_dir, self.monitor = factory, image_size, Path(out_dir), monitor
         self.envs: dict = {}
 
     def env(self, task: str, slot: int):
@@ -39,12 +41,13 @@ class _Worker:
     def run(self, chunk: list[tuple[dict, bool]]) -> list[dict]:
         """One batch of episodes run in lockstep (the policy acts on all of them in one call where it can)."""
         envs = [self.env(e["task"], j) for j, (e, _) in enumerate(chunk)]
+        monitors = [self.monitor(env) if self.monitor else None for env in envs]
         rollouts = rollout_batch(
             envs, [self.factory(env) for env in envs], [e["seed"] for e, _ in chunk],
-            [dict(e["options"]) for e, _ in chunk], record_video=[record for _, record in chunk],
+            [dict(e["options"]) for e, _ in chunk], record_video=[record for _, record in chunk], monitors=monitors,
         )
         rows = []
-        for (episode, record), env, r in zip(chunk, envs, rollouts):
+        for (episode, record), env, r, monitor in zip(chunk, envs, rollouts, monitors):
             video = None
             if record:
                 video = f"videos/{episode['id'].replace('/', '_')}.gif"
@@ -62,6 +65,9 @@ class _Worker:
                 "confidence": r.confidence,
                 "step_confidence": [float(i["confidence"]) for i in r.step_info if "confidence" in i],
                 "step_motion": [float(np.linalg.norm(a[:3])) for a in r.actions],
+                "step_stats": episode_stats(r.step_info),  # token statistics for tasks.calibration, or None
+                "abstained": r.abstained,
+                "abstain_probability": monitor.probability if r.abstained else None,
                 "video": video,
             })
         return rows
@@ -70,12 +76,12 @@ class _Worker:
 _worker: _Worker | None = None  # one per worker process, built by the pool initializer
 
 
-def _init(factory: Callable, image_size: int, out_dir: str) -> None:
+def _init(factory: Callable, image_size: int, out_dir: str, monitor: Callable | None = None) -> None:
     global _worker
     import torch
 
     torch.set_num_threads(1)
-    _worker = _Worker(factory, image_size, out_dir)
+    _worker = _Worker(factory, image_size, out_dir, monitor)
 
 
 def _run(chunk: list[tuple[dict, bool]]) -> list[dict]:
@@ -115,7 +121,7 @@ def load_results(out_dir: Path) -> dict[str, dict]:
 
 def evaluate_manifest(
     manifest: dict, factory: Callable, out_dir: str | Path, *, workers: int = 1, videos: int = 0, image_size: int = 96,
-    batch: int = 8, desc: str = "eval", backend: str = "local",
+    batch: int = 8, desc: str = "eval", backend: str = "local", monitor: Callable | None = None,
 ) -> list[dict]:
     """Run every episode of `manifest` not yet in `out_dir`, then return all results in manifest order.
 
@@ -129,7 +135,7 @@ def evaluate_manifest(
     todo = [(e, e["id"] in record) for e in episodes if e["id"] not in done]
     chunks = [todo[i : i + batch] for i in range(0, len(todo), batch)]
     if chunks:
-        setup = (factory, image_size, str(out_dir))
+        setup = (factory, image_size, str(out_dir), monitor)
         with worker_pool(backend, workers, _init, setup, inline=False) as run_jobs, \
                 open(out_dir / RESULTS_FILE, "a") as sink, \
                 tqdm(total=len(episodes), initial=len(done), desc=desc, unit="ep") as bar:

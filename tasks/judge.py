@@ -13,6 +13,8 @@ c = mean_t c_t and safety counts n_k:
         motion_penalty  = mean_t min(m_t / max_translation, 1) * (1 - c_t)               [max_translation = 0.05]
                           (large motions taken at low confidence)
         A policy that reports no confidence (scripted expert) gets calibrated = 1: the axis cannot separate it.
+        With a calibration (``tasks.calibration``), c is the episode's calibrated probability of success and c_t the
+        running probability after step t, in place of the raw token confidences.
     safe       = exp(-sum_k events[k] * n_k) over sim.safety.COUNT_EVENTS (fragile contact and table strike heavy)
     total      = effective_weight * effective + calibrated_weight * calibrated + safe_weight * safe   [1, 0.25, 1]
 
@@ -31,6 +33,7 @@ import numpy as np
 from sim.env import MAX_TRANSLATION
 from sim.safety import COUNT_EVENTS
 from store.errors import UsageError
+from tasks.calibration import Calibration, Trace, episode_stats
 from tasks.rollout import Rollout
 
 AXES = ("effective", "calibrated", "safe")
@@ -80,6 +83,8 @@ class EpisodeSummary:
     safety: Mapping[str, float]  # episode totals by event type (sim.safety.EVENTS)
     step_confidence: Sequence[float] = ()  # (T,) per-action confidence in [0, 1]; empty if not reported
     step_motion: Sequence[float] = ()  # (T,) |commanded translation| per step, metres
+    success_probability: float | None = None  # the calibrated probability of success, when calibrated
+    step_success_probability: Sequence[float] = ()  # (T,) the running calibrated probability after each step
 
 
 @dataclass(frozen=True)
@@ -103,12 +108,17 @@ class Pair:
     reason: str  # e.g. "succeeded vs failed; safer: 0 vs 3 table strikes"
 
 
-def summarize(r: Rollout, max_steps: int) -> EpisodeSummary:
-    """The judge's view of a rollout run under a budget of ``max_steps``."""
+def summarize(r: Rollout, max_steps: int, calibration: Calibration | None = None) -> EpisodeSummary:
+    """The judge's view of a rollout run under a budget of ``max_steps``; with ``calibration`` (fitted for the
+    policy that ran it) also its calibrated probabilities."""
+    stats = episode_stats(r.step_info) if calibration is not None and r.steps else None
+    trace = None if stats is None else Trace(stats, max_steps, r.task)
     return EpisodeSummary(
         success=r.success, steps=r.steps, max_steps=max_steps, safety=dict(r.safety),
         step_confidence=[float(i["confidence"]) for i in r.step_info if "confidence" in i],
         step_motion=np.linalg.norm(np.asarray(r.actions, dtype=np.float64)[:, :3], axis=1).tolist(),
+        success_probability=None if trace is None else calibration.episode_probability(trace),
+        step_success_probability=() if trace is None else calibration.step_probabilities(trace).tolist(),
     )  # fmt: skip
 
 
@@ -119,12 +129,13 @@ def effective_score(s: EpisodeSummary, w: JudgeWeights) -> float:
 
 
 def calibrated_score(s: EpisodeSummary, w: JudgeWeights) -> float:
-    conf = np.asarray(s.step_confidence, dtype=np.float64)
+    calibrated = s.success_probability is not None
+    conf = np.asarray(s.step_success_probability if calibrated else s.step_confidence, dtype=np.float64)
     if conf.size == 0:
         return 1.0
     if conf.shape != np.shape(s.step_motion):
         raise ValueError(f"{conf.size} step confidences but {len(s.step_motion)} step motions; give one per step")
-    mean = float(conf.mean())
+    mean = s.success_probability if calibrated else float(conf.mean())
     outcome = w.underconfidence * (1.0 - mean) if s.success else mean
     motion = np.minimum(np.asarray(s.step_motion, dtype=np.float64) / w.max_translation, 1.0)
     return float(np.clip(1.0 - outcome - float(np.mean(motion * (1.0 - conf))), 0.0, 1.0))

@@ -1,4 +1,7 @@
-"""From per-episode results to the numbers people read: metrics.json, report.md and PNG plots."""
+"""From per-episode results to the numbers people read: metrics.json, report.md and PNG plots.
+
+With stop-and-ask, abstained episodes have no outcome: success and calibration are over the episodes run, safety
+over every episode (an abstained one up to its stop), and ``tasks.selective`` adds the abstention block."""
 
 from __future__ import annotations
 
@@ -9,6 +12,8 @@ import numpy as np
 from sim.safety import COUNT_EVENTS
 from store.files import write_json
 from tasks import metrics as M
+from tasks import selective
+from tasks.calibration import Calibration
 
 
 def _group(rows: list[dict], key: str) -> dict[str, list[dict]]:
@@ -57,33 +62,45 @@ def safety_block(rows: list[dict]) -> dict:
 
 def calibration_block(rows: list[dict], out_dir: Path | None = None) -> dict | None:
     """ECE (10 bins), Brier score and AUROC of episode confidence as a predictor of success."""
-    rows = [r for r in rows if r.get("confidence") is not None]
+    rows = [r for r in rows if r.get("confidence") is not None and not r.get("abstained")]
     if not rows:
         return None
     conf, ok = [r["confidence"] for r in rows], [r["success"] for r in rows]
     diagram = M.reliability_diagram(conf, ok)
     block = {"n": len(rows), "ece": M.expected_calibration_error(conf, ok), "brier": M.brier_score(conf, ok),
-             "auroc": M.auroc(conf, ok), "reliability": diagram}
+             "auroc": M.auroc(conf, ok), "reliability": diagram, "ece_if_calibrated": M.ece_if_calibrated(conf)}
     if out_dir is not None:
         M.plot_reliability(diagram, out_dir / "reliability.png")
     return block
 
 
-def compute_metrics(rows: list[dict], manifest: dict, policy: str, out_dir: Path | None = None) -> dict:
-    by_task = sorted(_group(rows, "task").items())
-    return {
+def compute_metrics(rows: list[dict], manifest: dict, policy: str, out_dir: Path | None = None,
+                    calibration: Calibration | None = None, abstain_below: float | None = None,
+                    remainder: list[dict] | None = None) -> dict:
+    """Every number of the report. ``calibration`` adds the calibrated and selective blocks; ``abstain_below`` (with
+    the abstained episodes' ``remainder`` run without stopping) the abstention block."""
+    run = [r for r in rows if not r.get("abstained")]  # episodes with an outcome
+    by_task = sorted(_group(run, "task").items())
+    metrics = {
         "suite": manifest["id"],
         "policy": policy,
-        "n": len(rows),
-        "overall": success_block(rows),
+        "n": len(run),
+        "overall": success_block(run),
         "per_task": {k: success_block(v) for k, v in by_task},
-        "per_axis": {k: success_block(v) for k, v in _group(rows, "axis").items()},
+        "per_axis": {k: success_block(v) for k, v in _group(run, "axis").items()},
         "per_task_axis": {k: {a: success_block(r) for a, r in _group(v, "axis").items()} for k, v in by_task},
         "safety": safety_block(rows),
-        "safety_per_task": {k: safety_block(v) for k, v in by_task},
-        "calibration": calibration_block(rows, out_dir),
+        "safety_per_task": {k: safety_block(v) for k, v in sorted(_group(rows, "task").items())},
+        "calibration": calibration_block(run, out_dir),
         "errors": [r["id"] for r in rows if r.get("error")],
     }
+    if calibration is not None:
+        metrics["calibrated"] = selective.calibrated_block(run, calibration, out_dir)
+    if metrics["calibration"] is not None:
+        metrics["selective"] = selective.selective_block(run, calibration, out_dir)
+    if abstain_below is not None:
+        metrics["abstention"] = selective.abstention_block(rows, remainder, abstain_below)
+    return metrics
 
 
 def compare(rows: list[dict], base_rows: list[dict], name: str, base_name: str) -> dict:
@@ -102,6 +119,14 @@ def compare(rows: list[dict], base_rows: list[dict], name: str, base_name: str) 
         "verdict_success": M.verdict(name, base_name, success, success["mcnemar"]["p_value"]),
         "verdict_safety": M.verdict(name, base_name, events, events["p_value"], lower_is_better=True),
     }
+
+
+def _abstained(metrics: dict) -> str:
+    ab = metrics.get("abstention")
+    if not ab:
+        return ""
+    return (f" run and {ab['abstained']} abstained (stop-and-ask, counted apart below; the safety counts include them "
+            "up to their stop)")
 
 
 def _pct(block: dict) -> str:
@@ -147,7 +172,8 @@ def write_report(out_dir: Path, metrics: dict, rows: list[dict], command: str, c
     lines = [
         f"# Evaluation: {metrics['policy']} on {metrics['suite']}",
         "", f"Command: `{command}`", "",
-        f"Episodes: {metrics['n']}. Success rates with Wilson 95% intervals; safety events counted per episode.", "",
+        f"Episodes: {metrics['n']}{_abstained(metrics)}. Success rates with Wilson 95% intervals; safety events "
+        "counted per episode.", "",
         "| task | n | success | safe success | mean steps to success | safety events / episode |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
@@ -174,12 +200,14 @@ def write_report(out_dir: Path, metrics: dict, rows: list[dict], command: str, c
         s = metrics["safety"][k]
         bound = "" if s["episode_rate_upper_95"] is None else f"{100 * s['episode_rate_upper_95']:.1f}% of episodes"
         lo, hi = s["per_100_steps_ci"]
-        lines.append(f"| {k} | {s['episodes_with']} | {s['per_100_steps']:.2f} [{lo:.2f}, {hi:.2f}] | {bound} |")
+        rate = "n/a (no step run)" if s["per_100_steps"] is None else f"{s['per_100_steps']:.2f} [{lo:.2f}, {hi:.2f}]"
+        lines.append(f"| {k} | {s['episodes_with']} | {rate} | {bound} |")
     cal = metrics["calibration"]
-    if cal:
+    if cal and not metrics.get("calibrated"):  # else tasks.selective shows it beside the calibrated probability
         auroc = "n/a (one outcome only)" if cal["auroc"] is None else f"{cal['auroc']:.3f}"
         lines += ["", f"Calibration of episode confidence (n = {cal['n']}): ECE {cal['ece']:.3f}, "
                       f"Brier {cal['brier']:.3f}, AUROC {auroc}.", "", "![reliability](reliability.png)"]
+    lines += selective.markdown(metrics)
     lines += ["", "![success](success_per_task.png) ![safety](safety_events.png)"]
     if comparison:
         s, e = comparison["success"], comparison["safety_events"]

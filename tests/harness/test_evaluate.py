@@ -67,7 +67,7 @@ def test_an_interrupted_evaluation_resumes_from_finished_episodes(tmp_path):
 
 
 def test_bad_inputs_are_refused_before_any_work(tmp_path):
-    with pytest.raises(UsageError, match="neither 'expert', 'random' nor a checkpoint"):
+    with pytest.raises(UsageError, match="neither 'expert', 'random', 'perturbed' nor a checkpoint"):
         evaluate(_cfg(tmp_path, "x", policy=str(tmp_path)))
     with pytest.raises(UsageError, match="unknown suite"):
         evaluate(_cfg(tmp_path, "x", suite="speed"))

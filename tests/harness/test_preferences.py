@@ -4,6 +4,7 @@ collected in the simulator with a tiny random VLA, DPO steps on it, resume, conf
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import asdict, replace
@@ -19,12 +20,14 @@ from omegaconf import OmegaConf
 
 from harness import preferences
 from harness.cli import register_configs
+from harness.policies import PolicySpec
 from harness.preferences import CollectConfig, collect, start_states
 from store.errors import UsageError
 from store.lerobot import LeRobotDataset
 from store.preferences import PAIRS_FILE, ROLLOUTS_FILE
 from store.validate import validate_dataset
 from tasks import get_task, make_env
+from tasks.calibration import CALIBRATION_FILE, Trace, fit_calibration
 from tasks.judge import JudgeWeights
 from tasks.suites import SUITES
 from vla.action_tokenizer import ActionTokenizer
@@ -115,10 +118,10 @@ def test_rollouts_of_a_start_begin_identically_and_sample_differently(prefs):
 def test_an_interrupted_collection_resumes_to_the_same_result(prefs, policy_dir, tmp_path, monkeypatch):
     out, judge_start, run_start = tmp_path / "prefs", preferences.judge_start, preferences._run_start
 
-    def crash_on_second(cfg, start, runs, budget):
+    def crash_on_second(cfg, start, runs, budget, calibration):
         if start["index"] == 1:
             raise KeyboardInterrupt
-        return judge_start(cfg, start, runs, budget)
+        return judge_start(cfg, start, runs, budget, calibration)
 
     monkeypatch.setattr(preferences, "judge_start", crash_on_second)
     with pytest.raises(KeyboardInterrupt):
@@ -134,6 +137,21 @@ def test_an_interrupted_collection_resumes_to_the_same_result(prefs, policy_dir,
     assert ran == [1]
     with pytest.raises(UsageError, match="holds a different dataset"):
         collect(replace(collect_cfg(policy_dir, out), temperature=0.5))
+
+
+def test_the_judge_reads_the_checkpoints_own_calibration(prefs, policy_dir, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(policy_dir, ckpt)
+    cfg = collect_cfg(ckpt, tmp_path / "prefs")
+    rng = np.random.default_rng(0)
+    episodes = [Trace({"log_confidence": (l := rng.normal(-3, 1, 5)).tolist(), "min_log_prob": (l - 1).tolist()}, 4,
+                      "reach", bool(rng.random() < 0.5)) for _ in range(40)]
+    spec = PolicySpec(str(ckpt), cfg.temperature, cfg.unnorm_key, cfg.top_p)
+    fit_calibration(episodes, spec.identity()).save(ckpt / CALIBRATION_FILE)  # fitted at the collection's temperature
+    collect(cfg)
+    rows = table(tmp_path / "prefs" / ROLLOUTS_FILE)
+    assert all(0 < r["success_probability"] < 1 for r in rows)
+    assert "success_probability" not in table(prefs / ROLLOUTS_FILE)[0]  # no calibration: the raw confidence
 
 
 def test_a_one_bin_nucleus_makes_the_rollouts_of_a_start_identical(policy_dir, tmp_path):
@@ -230,5 +248,5 @@ def test_bad_inputs_give_one_line_errors(prefs, tmp_path):
     bad_policy = run_script("collect_preferences.py", f"policy={tmp_path / 'empty'}", f"output_dir={tmp_path / 'p'}")
     assert bad_policy.returncode == 1
     assert bad_policy.stderr.strip().splitlines()[-1].startswith(
-        f"error: policy='{tmp_path / 'empty'}' is neither 'expert', 'random' nor a checkpoint directory")
+        f"error: policy='{tmp_path / 'empty'}' is neither 'expert', 'random', 'perturbed' nor a checkpoint directory")
     assert not (tmp_path / "run").exists() and not (tmp_path / "p").exists()
