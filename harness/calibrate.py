@@ -128,8 +128,11 @@ def cross_validate(rows: list[dict], l2: float, folds: int = FOLDS) -> dict | No
     return out
 
 
-def calibrate(cfg: CalibrateConfig, command: str = "python scripts/calibrate.py") -> dict:
-    """Run the calibration episodes (resumable), fit, write calibration.json and the summary; return the summary."""
+def calibrate(cfg: CalibrateConfig, command: str = "python scripts/calibrate.py", required: bool = True) -> dict:
+    """Run the calibration episodes (resumable), fit, write calibration.json and the summary; return the summary.
+
+    Episodes of one outcome only cannot be calibrated: an error, or with ``required=False`` (the pipeline) a
+    summary without a calibration, so that what follows runs on the raw confidence."""
     require(cfg, "policy")
     spec = PolicySpec(cfg.policy, cfg.temperature, cfg.unnorm_key, cfg.top_p)
     if cfg.output_dir is None and spec.name in BUILTIN:
@@ -147,6 +150,12 @@ def calibrate(cfg: CalibrateConfig, command: str = "python scripts/calibrate.py"
         raise UsageError(f"policy={spec.name} reports no action-token probabilities to calibrate; use a VLA "
                          "checkpoint or policy=perturbed")
     traces = _traces(rows)
+    if len({t.success for t in traces}) < 2 and not required:
+        summary = {"policy": spec.name, "calibration": None, "episodes": len(traces),
+                   "successes": int(sum(t.success for t in traces))}
+        write_json(rollouts / "summary.json", summary)
+        print(f"{spec.name}: the {len(traces)} calibration episodes have one outcome; no calibration written")
+        return summary
     if len({t.success for t in traces}) < 2:
         raise UsageError(f"the {len(traces)} calibration episodes all {'succeeded' if traces[0].success else 'failed'}"
                          "; a calibration needs both outcomes: add tasks, suites or episodes_per_task")

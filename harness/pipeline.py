@@ -15,7 +15,8 @@ or none (random weights).
 distractors, workers, backend) by interpolation and sets only the values where the pipeline differs from a stage's
 own defaults. ``eval`` is a template: each evaluation run sets its policy, suite, baseline and output_dir.
 
-Every stage writes into its own directory under output_dir (demos/, sft/, eval/<policy>-<suite>/, prefs/, dpo/),
+Every stage writes into its own directory under output_dir (demos/, sft/, eval/<policy>-<suite>/, prefs/, dpo/;
+calibrate writes calibration.json and its episodes into sft/final, where evaluation and the judge read them),
 each with its summary.json, and is resumable by itself; ``pipeline.json`` records the finished stages with the
 settings they ran with. A rerun skips finished stages and continues an interrupted one where it stopped; a finished
 stage whose settings changed is refused (choose another output_dir, or delete that stage's directory and the later
@@ -32,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from harness.calibrate import CalibrateConfig, calibrate
 from harness.evaluate import EvalConfig, evaluate
 from harness.policies import BUILTIN
 from harness.preferences import CollectConfig, collect
@@ -45,7 +47,7 @@ from vla.dpo import DPOConfig, train_dpo
 from vla.pretrain import PretrainConfig, pretrain
 from vla.sft import SFTConfig, train
 
-STAGES = ("scenes", "pretrain", "demos", "sft", "eval", "prefs", "dpo", "eval_dpo")
+STAGES = ("scenes", "pretrain", "demos", "sft", "calibrate", "eval", "prefs", "dpo", "eval_dpo")
 BASE_STAGES = ("scenes", "pretrain")  # run only with base=pretrain
 BASES = ("shipped", "pretrain", "none")
 Stage = tuple[dict, Callable[[], object]]  # (the settings that determine a stage's output, what runs it)
@@ -68,6 +70,7 @@ class PipelineConfig:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     demos: DemoConfig = field(default_factory=DemoConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    calibrate: CalibrateConfig = field(default_factory=CalibrateConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     prefs: CollectConfig = field(default_factory=CollectConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
@@ -101,6 +104,7 @@ class Pipeline:
                      "demos": Path(c.demos.output_dir), "sft": Path(c.sft.output_dir), "eval": self.out / "eval",
                      "prefs": Path(c.prefs.output_dir), "dpo": Path(c.dpo.output_dir)}
         self.sft_ckpt, self.dpo_ckpt = self.dirs["sft"] / "final", self.dirs["dpo"] / "final"
+        self.dirs["calibrate"] = self.sft_ckpt  # calibration.json and its episodes, where evaluation reads them
         if c.base != "none" and c.sft.model.pretrained is None:
             base = self.dirs["pretrain"] / "final" if c.base == "pretrain" else shipped_base()
             c.sft = replace(c.sft, model=replace(c.sft.model, pretrained=str(base)))
@@ -120,6 +124,10 @@ class Pipeline:
     def sft(self) -> Stage:
         sft = self.cfg.sft
         return {"model": asdict(sft.model), "train": asdict(sft.train)}, lambda: train(sft)
+
+    def calibrate(self) -> Stage:
+        cfg = self.cfg.calibrate
+        return _settings(cfg, ("policy",)), lambda: calibrate(cfg, required=False)
 
     def _eval(self, policy: str, suite: str, baseline: str | None = None) -> EvalConfig:
         name = policy if policy in BUILTIN else Path(policy).parent.name
@@ -186,8 +194,9 @@ class Pipeline:
     def table(self) -> dict:
         """The final table from whatever evaluation reports exist."""
         rows, lines = [], [
-            "| policy | suite | success | 95% CI | safety events / ep | ECE | report |",
-            "|---|---|---|---|---|---|---|",
+            "| policy | suite | success | 95% CI | safety events / ep | ECE | calibrated ECE | coverage at 90% success "
+            "| report |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for policy in ("expert", "random", "sft", "dpo"):
             for suite in SUITES:
@@ -197,9 +206,13 @@ class Pipeline:
                 s = json.loads((report / "summary.json").read_text())
                 rows.append({**s, "policy": policy, "suite": suite, "suite_id": s["suite"], "report": str(report)})
                 ece = "-" if s["ece"] is None else f"{s['ece']:.3f}"
+                cal = "-" if s.get("calibrated_ece") is None else f"{s['calibrated_ece']:.3f}"
+                coverage = (s.get("coverage_at_success_0.9") or {}).get("calibrated")
+                coverage = "-" if coverage is None else f"{100 * coverage:.0f}%"
                 lines.append(f"| {policy} | {suite} | {100 * s['success_rate']:.1f}% | "
                              f"[{100 * s['success_ci'][0]:.1f}, {100 * s['success_ci'][1]:.1f}] | "
-                             f"{s['safety_events_per_episode']:.2f} | {ece} | {report / 'report.md'} |")
+                             f"{s['safety_events_per_episode']:.2f} | {ece} | {cal} | {coverage} | "
+                             f"{report / 'report.md'} |")
         report = self.dirs["eval"] / "sft-instruction" / "summary.json"
         if report.is_file():
             s = json.loads(report.read_text())

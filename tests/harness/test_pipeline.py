@@ -30,6 +30,7 @@ TINY = [
     "model@pretrain.model=tiny", "pretrain.train.steps=4", "pretrain.train.warmup_steps=1",
     "pretrain.train.batch_size=4", "pretrain.train.save_every=2", "pretrain.train.eval_every=4",
     "pretrain.train.val_scenes=2", "pretrain.train.vocab_size=300", "sft.train.batch_size=8",
+    "calibrate.episodes_per_task=2",
 ]
 
 
@@ -55,6 +56,9 @@ def test_every_stage_writes_its_summary_and_the_table_has_all_policies(run):
     sft = json.loads((out / "sft" / "config.json").read_text())
     assert sft["model"]["pretrained"] == str(out / "pretrain" / "final") and sft["train"]["grounded"]
     assert json.loads((out / "sft" / "final" / "config.json").read_text())["plan_tokens"] == 2
+    # the calibrate stage ran; a tiny model fails every episode, so it wrote no calibration and the pipeline went on
+    calibration = json.loads((out / "sft" / "final" / "calibration" / "summary.json").read_text())
+    assert calibration["calibration"] is None and calibration["successes"] == 0
     rows = {(r["policy"], r["suite"]): r for r in results["rows"]}
     assert set(rows) == {(p, s) for p in ("expert", "random", "sft", "dpo") for s in ("success", "safety")} | {
         ("sft", "instruction")}
@@ -65,6 +69,7 @@ def test_every_stage_writes_its_summary_and_the_table_has_all_policies(run):
     assert results["videos"] and all(Path(v).is_file() for v in results["videos"])
     table = (out / "results.md").read_text()
     assert "| dpo | safety |" in table and "DPO vs SFT" in table and "| names its look-alike |" in table
+    assert "calibrated ECE | coverage at 90% success" in table
 
 
 def test_rerun_skips_finished_stages(run, capsys):
