@@ -133,6 +133,7 @@ def grounding_accuracy(vla: VLA, queries: Queries, images: np.ndarray, states: n
         hits, errors = [], []
         for start in range(0, len(rows), batch_size):
             chunk = rows[start : start + batch_size]
+            scenes = [s for s, _ in chunk]
             prompts, answers = [], []
             for s, i in chunk:
                 if kind == "list":
@@ -143,8 +144,7 @@ def grounding_accuracy(vla: VLA, queries: Queries, images: np.ndarray, states: n
                     prompts.append(PROMPT_TEMPLATE.format(instruction=queries.instruction(names[s], i, rng)))
                     answers.append([])
             for _ in range(2):  # x, then y after it
-                batch = build_queries(vla, images[[s for s, _ in chunk]], prompts, answers,
-                                      None if states is None else states[[s for s, _ in chunk]])
+                batch = build_queries(vla, images[scenes], prompts, answers, None if states is None else states[scenes])
                 at = batch["answer_starts"] + torch.tensor([len(a) for a in answers]) - 1  # the last given token
                 inputs = {k: v.to(device) for k, v in model_inputs(batch).items() if k != "labels"}
                 logits = model(**inputs, logits_to_keep=at[:, None].to(device)).logits[:, 0]  # (B, V)

@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -184,24 +183,16 @@ def action_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tup
 
 
 def action_loss(logits: torch.Tensor, targets: torch.Tensor, tok: ActionTokenizer, sigma: float) -> torch.Tensor:
-    """Mean cross-entropy over the D action positions and the EOS of ``action_logits``.
+    """Mean cross-entropy over the D action positions and the EOS of ``action_logits``: ``vla.grounding.sequence_loss``
+    with every position scored.
 
     With ``sigma > 0`` the target of an action position is a Gaussian over the bins, centred on the true bin with
     std ``sigma`` bins and renormalised over the n_bins action ids (no mass on any other token); the EOS stays
     one-hot. Bins are ordered, so a prediction one bin off should cost less than one 100 bins off; one-hot
     targets cannot say so, soft ones spread the evidence of each frame over its neighbours.
     """
-    logits = logits.float()
-    if sigma <= 0:
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-    D, lo, n = tok.action_dim, tok.token_offset, tok.n_bins
-    logp = logits.log_softmax(-1)  # (B, D + 1, V)
-    bins = torch.arange(n, device=logits.device, dtype=torch.float32)
-    q = torch.exp(-0.5 * ((bins - (targets[:, :D, None] - lo).float()) / sigma) ** 2)  # (B, D, n)
-    q = q / q.sum(-1, keepdim=True)
-    action_nll = -(q * logp[:, :D, lo : lo + n]).sum(-1)  # (B, D)
-    eos_nll = -logp[:, D:].gather(-1, targets[:, D:, None]).squeeze(-1)  # (B, 1)
-    return torch.cat([action_nll, eos_nll], dim=1).mean()
+    bins = slice(tok.token_offset, tok.token_offset + tok.n_bins)
+    return sequence_loss(logits, targets, torch.ones_like(targets, dtype=torch.bool), bins, sigma)
 
 
 class Meter:
