@@ -98,7 +98,8 @@ def generate_scenes(cfg: SceneConfig) -> dict:
         raise UsageError(f"{out} holds a scene set of other settings; choose another output_dir or delete it")
     plan, start = scene_plan(cfg), time.perf_counter()
     chunks = [(c, plan[s : s + CHUNK], s, cfg.image_size) for c, s in enumerate(range(0, len(plan), CHUNK))]
-    todo = [job for job in chunks if job[0] not in store.done_chunks(out)]
+    done = store.done_chunks(out)
+    todo = [job for job in chunks if job[0] not in done]
     if held is None and todo:
         with worker_pool(cfg.backend, cfg.workers) as run_jobs, \
                 tqdm(total=len(plan), initial=len(plan) - sum(len(j[1]) for j in todo), desc="scenes",
