@@ -23,7 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
+from store.errors import UsageError, require_dir
 from store.files import write_json
+from store.intact import read_json
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout: conf/ and bench/results.json
 
@@ -165,7 +167,16 @@ SECTIONS = {"sim": bench_sim, "demos": bench_demos, "policy": bench_policy, "tra
 
 def run_sections(names: list[str], seconds: float, out: Path, pipeline_dir: str) -> None:
     """Run the sections ``names`` and write their figures into ``out`` (sections not rerun keep their last ones)."""
-    results = json.loads(out.read_text()) if out.is_file() else {}
+    if not seconds > 0:
+        raise UsageError(f"--seconds={seconds} must be > 0 (the timing window of each measurement)")
+    if out.is_dir():
+        raise UsageError(f"--out={out} is a directory; pass the JSON file to write, e.g. {out / 'results.json'}")
+    require_dir(out.parent, "--out")
+    results = read_json(out, "delete it or pass another --out") if out.is_file() else {}
+    if not isinstance(results, dict):
+        raise UsageError(f"{out} holds no JSON object of sections; delete it or pass another --out", path=out)
+    if "pipeline" in names:
+        require_dir(pipeline_dir, "--pipeline-dir")
     results["machine"] = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()}
     for name in names:
         print(f"== {name}", flush=True)

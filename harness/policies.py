@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from store.errors import UsageError
+from store.intact import check_files
 from tasks import perturbed
 from tasks.calibration import CALIBRATION_FILE, DECODING, Calibration
 from tasks.perturbed import PerturbedExpert
@@ -57,6 +58,7 @@ class PolicySpec:
                 hint = " (a training run: point to its final/ checkpoint)" if (path / "final").is_dir() else ""
                 raise UsageError(f"policy={self.name!r} is neither {', '.join(map(repr, BUILTIN))} nor a checkpoint "
                                  f"directory with config.json{hint}")
+            check_files(path, "point to another checkpoint, or save this one again")  # before any work or output
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_vla": None}  # workers load the model themselves

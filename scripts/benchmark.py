@@ -5,20 +5,27 @@
 """
 
 import argparse
+import sys
 from pathlib import Path
 
 from bench import benchmark
+from store.errors import UsageError
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=benchmark.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="*", choices=sorted(benchmark.SECTIONS), default=sorted(benchmark.SECTIONS))
     parser.add_argument("--seconds", type=float, default=8.0, help="timing window per measurement")
     parser.add_argument("--out", default=str(benchmark.ROOT / "bench" / "results.json"))
     parser.add_argument("--pipeline-dir", default="runs/pipeline", help="where the pipeline section runs (cached)")
-    args = parser.parse_args()
-    benchmark.run_sections(args.only, args.seconds, Path(args.out), args.pipeline_dir)
+    args = parser.parse_args(argv)
+    try:
+        benchmark.run_sections(args.only, args.seconds, Path(args.out), args.pipeline_dir)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -85,18 +85,18 @@ def read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise DatasetError(f"{path} is missing; {FIX}") from None
+        raise DatasetError(f"{path} is missing; {FIX}", path=path) from None
     except (OSError, ValueError) as e:
-        raise DatasetError(f"{path} is corrupt ({e}); {FIX}") from None
+        raise DatasetError(f"{path} is corrupt ({e}); {FIX}", path=path) from None
 
 
 def read_parquet(path: Path, columns: list[str] | None = None) -> pa.Table:
     if not path.is_file():
-        raise DatasetError(f"{path} is missing; {FIX}")
+        raise DatasetError(f"{path} is missing; {FIX}", path=path)
     try:
         return pq.read_table(path, columns=columns)
     except (OSError, pa.ArrowException) as e:
-        raise DatasetError(f"{path} is corrupt or truncated ({str(e).splitlines()[0]}); {FIX}") from None
+        raise DatasetError(f"{path} is corrupt or truncated ({str(e).splitlines()[0]}); {FIX}", path=path) from None
 
 
 def to_numpy(column: pa.ChunkedArray) -> np.ndarray:
@@ -119,9 +119,14 @@ class LeRobotDataset:
                                "rerun generation with the same config to resume, or run scripts/validate_dataset.py")
         self.info: dict = read_json(self.root / "meta/info.json")
         self.stats: dict = read_json(self.root / "meta/stats.json")
+        for name, meta in (("info", self.info), ("stats", self.stats)):
+            if not isinstance(meta, dict):
+                raise DatasetError(f"{self.root / f'meta/{name}.json'} holds no JSON object; {FIX}",
+                                   path=self.root / f"meta/{name}.json")
         lacking = [k for k in ("data_path", "features", "fps") if k not in self.info]
         if lacking:
-            raise DatasetError(f"{self.root / 'meta/info.json'} lacks keys {lacking}; {FIX}")
+            raise DatasetError(f"{self.root / 'meta/info.json'} lacks keys {lacking}; {FIX}",
+                               path=self.root / "meta/info.json")
         tasks = sorted(read_parquet(self.root / "meta/tasks.parquet", ["task_index", "task"]).to_pylist(),
                        key=lambda r: r["task_index"])
         self._instructions = [r["task"] for r in tasks]

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from store.errors import UsageError
 from store.files import write_parquet
+from store.intact import read_parquet, reading
 from store.lerobot import LeRobotDataset
 
 PAIR_FILTERS = ("all", "chosen_success")  # which pairs of a set a reader keeps
@@ -57,14 +57,16 @@ class PreferenceSet:
                 raise UsageError(f"preferences={root} holds no {name}; rerun scripts/collect_preferences.py with the "
                                  "same arguments until it writes summary.json")
         self.frames = LeRobotDataset(self.root)
-        names = pq.read_schema(self.root / ROLLOUTS_FILE).names
-        columns = ["episode_index", "token_ids", "success"] + [c for c in ("chunk_offsets",) if c in names]
-        rows = pq.read_table(self.root / ROLLOUTS_FILE, columns=columns).to_pylist()
+        fix = f"collect the preference set again (delete {root} and rerun scripts/collect_preferences.py)"
+        rollouts = read_parquet(self.root / ROLLOUTS_FILE, fix)
+        optional = [c for c in ("chunk_offsets",) if c in rollouts.schema.names]
+        with reading(self.root / ROLLOUTS_FILE, fix, (KeyError,)):  # a table without the columns read here
+            rows = rollouts.select(["episode_index", "token_ids", "success", *optional]).to_pylist()
         self.token_ids = {r["episode_index"]: np.asarray(r["token_ids"], dtype=np.int64) for r in rows}  # (T, D)
         self.offsets = {r["episode_index"]: np.asarray(r.get("chunk_offsets") or np.zeros(len(r["token_ids"])),
                                                        dtype=np.int64) for r in rows}  # (T,)
         success = {r["episode_index"]: r["success"] for r in rows}
-        self.pairs = pq.read_table(self.root / PAIRS_FILE, columns=["start_index", "chosen", "rejected"]).to_pylist()
+        self.pairs = read_parquet(self.root / PAIRS_FILE, fix, ["start_index", "chosen", "rejected"]).to_pylist()
         if not self.pairs:
             raise UsageError(f"preferences={root} holds no pairs (no start state's rollouts differed by more than "
                              "the margin); collect more starts or rollouts_per_start, or lower margin")

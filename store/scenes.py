@@ -14,7 +14,6 @@ Chunks are written atomically, so an interrupted generation resumes from the chu
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +23,10 @@ from PIL import Image
 
 from store.errors import UsageError
 from store.files import write_json, write_parquet
+from store.intact import read_json, read_parquet, reading
 
 META_FILE = "meta.json"
+FIX = "delete the set and generate it again with scripts/generate_scenes.py"
 CHUNK_PATH = "data/chunk-{:03d}.parquet"
 SCHEMA = pa.schema([
     ("index", pa.int64()), ("split", pa.string()), ("seed", pa.int64()), ("image", pa.binary()),
@@ -56,7 +57,14 @@ def write_chunk(root: Path, chunk: int, rows: list[dict]) -> None:
 
 
 def done_chunks(root: Path) -> set[int]:
-    return {int(p.stem.split("-")[1]) for p in (root / "data").glob("chunk-*.parquet")}
+    """The chunks on disk, each checked to be whole (its parquet footer reads)."""
+    done = set()
+    for path in (root / "data").glob("chunk-*.parquet"):
+        with reading(path, f"delete it (and {META_FILE}, if the set is complete) and rerun "
+                           "scripts/generate_scenes.py, which renders it again"):
+            pq.read_metadata(path)
+        done.add(int(path.stem.split("-")[1]))
+    return done
 
 
 def finalize(root: Path, config: dict, counts: dict[str, int], templates: list[str]) -> dict:
@@ -67,7 +75,10 @@ def finalize(root: Path, config: dict, counts: dict[str, int], templates: list[s
 
 def stored_config(root: Path) -> dict | None:
     """The config of the complete set at ``root`` (None: nothing complete there)."""
-    return json.loads((root / META_FILE).read_text())["config"] if (root / META_FILE).is_file() else None
+    if not (root / META_FILE).is_file():
+        return None
+    with reading(root / META_FILE, FIX, (KeyError, TypeError)):
+        return read_json(root / META_FILE, FIX)["config"]
 
 
 class SceneSet:
@@ -78,13 +89,11 @@ class SceneSet:
         if not (self.root / META_FILE).is_file():
             raise SceneSetError(f"{self.root} holds no complete scene set ({META_FILE} is missing); generate it with "
                                 "scripts/generate_scenes.py (rerun the same command to resume)")
-        self.meta = json.loads((self.root / META_FILE).read_text())
-        self.templates: list[str] = self.meta["templates"]
-        try:
-            tables = [pq.read_table(self.root / CHUNK_PATH.format(c)) for c in range(self.meta["chunks"])]
-        except (OSError, pa.ArrowException) as e:
-            raise SceneSetError(f"{self.root}: a chunk is missing or corrupt ({str(e).splitlines()[0]}); delete the "
-                                "set and generate it again") from None
+        self.meta = read_json(self.root / META_FILE, FIX)
+        with reading(self.root / META_FILE, FIX, (KeyError, TypeError)):
+            self.templates: list[str] = self.meta["templates"]
+            chunks = range(self.meta["chunks"])
+        tables = [read_parquet(self.root / CHUNK_PATH.format(c), FIX) for c in chunks]
         table = pa.concat_tables(tables)
         self._images = table["image"].combine_chunks()
         self.splits = np.asarray(table["split"].to_pylist())

@@ -18,7 +18,9 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
+from store.errors import require_dir
 from store.files import write_parquet, write_text
+from store.intact import read_parquet
 from store.lerobot import (
     CHUNKS_SIZE,
     CODEBASE_VERSION,
@@ -33,7 +35,6 @@ from store.lerobot import (
     compute_stats,
     is_complete,
     read_json,
-    read_parquet,
     to_numpy,
 )
 
@@ -152,7 +153,7 @@ class DatasetWriter:
 
     def __init__(self, root: str | Path, *, fps: int, state_names: list[str], action_names: list[str],
                  config: dict, robot_type: str = "franka_panda", data_files_size_in_mb: int = 100):
-        self.root = Path(root)
+        self.root = require_dir(root)
         self.data_files_size_in_mb = data_files_size_in_mb
         self._staging = self.root / ".staging"
         try:
@@ -225,7 +226,8 @@ class DatasetWriter:
             write_parquet(self.root / DATA_PATH.format(chunk_index=chunk, file_index=file), pa.concat_tables(pending))
 
         for index in staged:
-            table = read_parquet(self._staged_path(index))
+            table = read_parquet(self._staged_path(index), "delete it and rerun generation, which writes that "
+                                 "episode again")
             meta = json.loads(table.schema.metadata[_EPISODE_META])
             if features is None:
                 features = _features(meta["image_shape"], spec["state_names"], spec["action_names"],

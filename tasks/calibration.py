@@ -35,7 +35,6 @@ its decoding settings), the tasks it covers and how it was fitted; ``check`` ref
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -46,6 +45,7 @@ from scipy.special import expit
 
 from store.errors import UsageError
 from store.files import write_json
+from store.intact import read_json, reading
 
 CALIBRATION_FILE = "calibration.json"
 VERSION = 1
@@ -225,12 +225,14 @@ class Calibration:
 
     @classmethod
     def load(cls, path: str | Path) -> Calibration:
-        data = json.loads(Path(path).read_text())
-        if data.get("version") != VERSION:
-            raise UsageError(f"{path} is calibration version {data.get('version')}, this code reads {VERSION}; "
-                             "refit it with scripts/calibrate.py")
-        return cls(LogisticModel(**data["running"]), LogisticModel(**data["episode"]), data["policy"], data["tasks"],
-                   data["fit"])
+        fix = "fit it again with scripts/calibrate.py"
+        data = read_json(path, fix)
+        with reading(path, fix, (AttributeError, KeyError, TypeError)):
+            if data.get("version") != VERSION:
+                raise UsageError(f"{path} is calibration version {data.get('version')}, this code reads {VERSION}; "
+                                 "refit it with scripts/calibrate.py")
+            return cls(LogisticModel(**data["running"]), LogisticModel(**data["episode"]), data["policy"],
+                       data["tasks"], data["fit"])
 
 
 def fit_calibration(traces: Sequence[Trace], policy: dict, l2: float = 1.0, fit: dict | None = None) -> Calibration:

@@ -22,13 +22,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from sim.env import ACTION_NAMES, CONTROL_HZ, STATE_NAMES
 from store.errors import UsageError
 from store.files import write_json
-from store.lerobot import Episode, is_complete
+from store.lerobot import Episode, LeRobotDataset, is_complete
 from store.writer import DatasetWriter
 from tasks import TASKS, get_task, make_env
 from tasks.parallel import check_backend, worker_pool
@@ -171,7 +170,7 @@ def generate(cfg: DemoConfig) -> dict:
 
 def _summary(out: Path, info: dict, seconds: float, frames_new: int) -> dict:
     """Headline figures; the discard count is derived from the kept seeds, so a resumed run reports the same."""
-    episodes = pq.read_table(out / "meta/episodes").to_pylist()
+    episodes = LeRobotDataset(out).episodes  # opening it checks that the files are whole, on a rerun too
     cfg = info["tabletop_vla"]["config"]
     per_task, discarded = {}, 0
     for ep in episodes:

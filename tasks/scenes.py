@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from store import scenes as store
-from store.errors import UsageError
+from store.errors import UsageError, require_dir
 from store.files import write_json
 from tasks import TASKS, get_task, make_env
 from tasks.parallel import check_backend, worker_pool
@@ -92,7 +91,7 @@ def _render(args: tuple[int, list[tuple[str, int, int]], int, int]) -> tuple[int
 
 def generate_scenes(cfg: SceneConfig) -> dict:
     """Generate (or resume) the scene set of ``cfg``; return the summary also written to summary.json."""
-    out = Path(cfg.output_dir)
+    out = require_dir(cfg.output_dir)
     held = store.stored_config(out)
     if held is not None and held != cfg.set_config():
         raise UsageError(f"{out} holds a scene set of other settings; choose another output_dir or delete it")

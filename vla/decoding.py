@@ -15,6 +15,7 @@ from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+from peft.tuners.lora import LoraLayer
 from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
 
@@ -72,13 +73,23 @@ class _Linear:
     @staticmethod
     def fuse(*linears: torch.nn.Linear) -> _Linear:
         """Linears over the same input (Q, K, V or gate, up) -> one call."""
-        bias = None if linears[0].bias is None else torch.cat([lin.bias for lin in linears])
-        return _Linear(torch.cat([lin.weight for lin in linears]).t().contiguous(), bias)
+        weights, biases = zip(*(_weight_and_bias(lin) for lin in linears))
+        bias = None if biases[0] is None else torch.cat(biases)
+        return _Linear(torch.cat(weights).t().contiguous(), bias)
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, in) -> (B, out), plus ``residual`` (B, out) if given."""
         y = torch.mm(x, self.weight_t) if residual is None else torch.addmm(residual, x, self.weight_t)
         return y if self.bias is None else y.add_(self.bias)
+
+
+def _weight_and_bias(linear: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A linear layer's weight and bias; for a LoRA layer (vla.lora), its base's with the active adapters folded in,
+    as merging them would."""
+    if isinstance(linear, LoraLayer):
+        base = linear.get_base_layer()
+        return base.weight + sum(linear.get_delta_weight(name) for name in linear.active_adapters), base.bias
+    return linear.weight, linear.bias
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,7 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from store.errors import UsageError
 from store.files import write_atomically, write_json
+from store.intact import read_json
 from vla.run_state import (
     STATE_FILE,
     STATE_TENSORS,
@@ -259,7 +260,7 @@ def run(trainer: Trainer, tc: LoopConfig, out: Path, resume: bool, env: Dist) ->
     finished = resume_from is not None and json.loads((resume_from / STATE_FILE).read_text())["step"] == tc.steps
     if finished and (out / "summary.json").is_file():
         tqdm.write(f"{out} already finished {tc.steps} steps; raise train.steps to train further")
-        return json.loads((out / "summary.json").read_text())
+        return read_json(out / "summary.json", "delete it and rerun to write it again, or choose another output_dir")
     random.seed(tc.seed)
     np.random.seed(tc.seed)
     torch.manual_seed(tc.seed)  # the initial weights; a resumed run restores the RNGs of its checkpoint below

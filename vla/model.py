@@ -36,13 +36,18 @@ from transformers.image_utils import PILImageResampling
 from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
 from store.errors import UsageError
+from store.intact import check_files
 from vla.action_tokenizer import ActionTokenizer
 from vla.film import FilmFastVlm
+from vla.lora import PeftModel, is_adapter, load_adapted, save_adapted
 from vla.text_tokenizer import action_token
 from vla.towers import TOWERS, load_weights, weights_file
 
+# A checkpoint's weights: one file, a sharded index, or LoRA adapters on a base (vla.lora).
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
 STATE_TOKENIZER_FILE = "state_tokenizer.json"
 LOCATION_TOKENIZER_FILE = "location_tokenizer.json"
+DAMAGED_FIX = "save the checkpoint again (rerun the run that wrote it) or point to another checkpoint"
 
 
 @dataclass
@@ -280,7 +285,10 @@ class VLA(NamedTuple):
     location_tokenizer: ActionTokenizer | None = None
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
-        self.model.save_pretrained(path)
+        if isinstance(self.model, PeftModel):  # vla.lora: the adapters and the adapted config, not the base weights
+            save_adapted(self.model, path)
+        else:
+            self.model.save_pretrained(path)
         self.tokenizer.save_pretrained(path)
         self.image_processor.save_pretrained(path)
         for tokenizer, name in ((self.state_tokenizer, STATE_TOKENIZER_FILE),
@@ -346,13 +354,15 @@ def build_vla(cfg: VLAModelConfig, tokenizer: PreTrainedTokenizerFast) -> VLA:
 
 
 def load_model(path: str | os.PathLike) -> VLA:
-    """Load a checkpoint directory (ours or any local HF checkpoint of a supported architecture), in eval mode."""
+    """Load a checkpoint directory (ours or any local HF checkpoint of a supported architecture), in eval mode; a
+    LoRA adapter directory (``vla.lora``) comes back as a ``PeftModel`` on top of its base."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise UsageError(
             f"{path} holds no config.json, so it is not a model checkpoint; "
             "pass a directory written by VLA.save_pretrained / model.save_pretrained"
         )
+    check_files(path, DAMAGED_FIX)  # a truncated or corrupt file: one line naming it, not the library's traceback
     model_type = json.loads((path / "config.json").read_text()).get("model_type")
     if model_type not in ARCHITECTURES:
         raise UsageError(
@@ -366,7 +376,11 @@ def load_model(path: str | os.PathLike) -> VLA:
             )
     # fp32 whatever the file holds (the shipped base is fp16): training and CPU inference run in fp32, autocast
     # gives bf16 where asked.
-    model = ARCHITECTURES[model_type].model_class.from_pretrained(path, dtype=torch.float32).eval()
+    model_class = ARCHITECTURES[model_type].model_class
+    if is_adapter(path):
+        model = load_adapted(path, model_class)
+    else:
+        model = model_class.from_pretrained(path, dtype=torch.float32).eval()
     tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
     image_processor = SiglipImageProcessorPil.from_pretrained(path)
     state, location = (ActionTokenizer.load(path / f) if (path / f).is_file() else None

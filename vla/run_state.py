@@ -19,7 +19,9 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 from transformers.utils import logging as hf_logging
 
-from store.errors import UsageError
+from store.errors import UsageError, require_dir
+from store.intact import check_files, read_json
+from vla.model import WEIGHT_FILES
 
 STATE_FILE = "trainer_state.json"
 STATE_TENSORS = "trainer_state.safetensors"
@@ -84,7 +86,8 @@ def latest_checkpoint(checkpoints: Path) -> Path | None:
     found = []
     for path in checkpoints.glob("step-*") if checkpoints.is_dir() else ():
         match = _STEP_DIR.fullmatch(path.name)
-        if match and all((path / f).is_file() for f in (STATE_FILE, STATE_TENSORS, "model.safetensors")):
+        if match and all((path / f).is_file() for f in (STATE_FILE, STATE_TENSORS)) \
+                and any((path / f).is_file() for f in WEIGHT_FILES):
             found.append((int(match.group(1)), path))
     return max(found)[1] if found else None
 
@@ -109,18 +112,31 @@ def prune_checkpoints(checkpoints: Path, keep: int) -> None:
 
 def check_output_dir(out: Path, resume: bool, record: dict, keys: tuple[str, ...]) -> Path | None:
     """The checkpoint to resume from (None: start fresh). Raise UsageError if `out` holds a run that must not be
-    overwritten (no resume) or that was trained with other values of `keys` than `record` (resume)."""
+    overwritten (no resume) or that was trained with other values of `keys` than `record` (resume), or that is
+    damaged: a file where the directory goes, a corrupt config.json, a truncated file in the checkpoint to resume."""
+    require_dir(out)
     held = [p.name for p in (out / "checkpoints", out / "final", out / "summary.json") if p.exists()]
     if held and not resume:
         raise UsageError(f"{out} already holds a run ({', '.join(held)}); pass resume=true to continue or choose "
                          "another output_dir")
     if resume and (out / "config.json").is_file():
-        before = json.loads((out / "config.json").read_text())
+        before = read_json(out / "config.json", "choose another output_dir (or delete this one to start again)")
         for key in keys:
             if before.get(key) != record[key]:
                 raise UsageError(f"resume=true but {out} was trained with {key}={before.get(key)}, not "
                                  f"{record[key]}; resume with the same settings, or choose another output_dir")
-    return latest_checkpoint(out / "checkpoints") if resume else None
+    latest = latest_checkpoint(out / "checkpoints") if resume else None
+    if latest is not None:
+        check_files(latest, f"delete {latest} to resume from the checkpoint before it, or choose another output_dir")
+    return latest
+
+
+def _step(line: str) -> float:
+    """The step of a metrics.jsonl line; inf for a line that a killed run cut short (dropped on resume)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 class MetricsLogger:
@@ -131,7 +147,7 @@ class MetricsLogger:
         if self.enabled:
             path = out / "metrics.jsonl"
             if path.is_file():  # drop what a killed run logged after its last checkpoint
-                rows = [ln for ln in path.read_text().splitlines() if json.loads(ln)["step"] <= start_step]
+                rows = [ln for ln in path.read_text().splitlines() if _step(ln) <= start_step]
                 path.write_text("".join(ln + "\n" for ln in rows))
             self.tb = SummaryWriter(out / "tb", purge_step=start_step + 1)
 

@@ -28,6 +28,7 @@ from vla.data import Collator, FrameDataset, has_scene_labels, instruction_templ
 from vla.grounding import PLAN_TOKENS, QUERIES, Queries, location_tokenizer, plan_tokens, scored_logits, \
     sequence_loss
 from vla.inputs import PROMPT_TEMPLATE, model_inputs
+from vla.lora import LoraConfig, add_lora, is_adapter
 from vla.loop import Dist, LoopConfig, LoopResult, distributed, run, split_episodes
 from vla.model import VLA, VLAModelConfig, build_vla, load_model
 from vla.parallel import action_chunk, check_action_head, parallel_loss, set_action_head
@@ -49,10 +50,15 @@ class ModelConfig(VLAModelConfig):
     # (OpenVLA-OFT); "autoregressive" decodes 7 tokens one by one. Saved in config.json, read by the policy and DPO.
     action_head: str = "autoregressive"
     action_chunk: int = 1
+    # vla.lora: lora.r > 0 trains low-rank adapters on the frozen ``pretrained`` model and saves only them.
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_action_head(self.action_head, self.action_chunk)
+        if self.lora.r and not self.pretrained:
+            raise UsageError(f"model.lora.r={self.lora.r} adapts a pretrained model; set model.pretrained to a local "
+                             "checkpoint directory, or fine-tune every weight with model.lora.r=0")
 
 
 @dataclass
@@ -104,6 +110,9 @@ class SFTConfig:
 def load_pretrained(path: str, n_bins: int) -> VLA:
     """``load_model(path)`` with one-line errors for directories that cannot be fine-tuned here."""
     root = Path(path)
+    if is_adapter(root):
+        raise UsageError(f"model.pretrained={path} is a LoRA adapter; merge it into a full checkpoint with "
+                         f"`python scripts/merge_lora.py {path} MERGED` and fine-tune MERGED")
     if not (root / "config.json").is_file():
         raise UsageError(f"model.pretrained={path} holds no config.json, so it is not a Hugging Face checkpoint; "
                          "pass the directory written by save_pretrained")
@@ -159,6 +168,8 @@ def build_model(cfg: SFTConfig, ds: LeRobotDataset, resume_from: Path | None) ->
         raise UsageError(f"{cfg.model.pretrained or resume_from} emits plan tokens before its actions; "
                          "fine-tune it with train.grounded=true")
     set_action_head(vla.model, cfg.model.action_head, cfg.model.action_chunk)
+    if cfg.model.lora.r and resume_from is None:  # a resumed LoRA run reloads its adapters
+        vla = vla._replace(model=add_lora(vla.model, cfg.model.lora, cfg.model.pretrained))
     try:
         action_tok = ActionTokenizer.from_stats(
             ds.stats["action"], offset, tc.action_bins,
@@ -313,6 +324,7 @@ class SFT:
         self.meter = Meter(self.action_tok, self.names, env.device)
         model = self.vla.model.to(env.device).train()
         self.parameters = sum(p.numel() for p in model.parameters())
+        self.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         return model
 
     def items(self) -> list[int]:
@@ -325,7 +337,8 @@ class SFT:
             tqdm.write(_diagnostics_table(self.action_tok, diag, self.names))
 
     def describe(self) -> str:
-        return (f"{self.parameters / 1e6:.2f}M parameters on {self.env.device} x{self.env.world}; "
+        lora = f" ({self.trainable / 1e6:.3f}M trainable: LoRA)" if self.cfg.model.lora.r else ""
+        return (f"{self.parameters / 1e6:.2f}M parameters{lora} on {self.env.device} x{self.env.world}; "
                 f"{len(self.train_eps)} train / {len(self.val_eps)} val episodes; effective batch "
                 f"{self.effective_batch}")
 
@@ -365,7 +378,8 @@ class SFT:
         return {
             **{k: (result.train or {}).get(k) for k in ("loss", "action_accuracy", "action_l1", "action_l1_per_dim")},
             "val": result.val, "samples_per_s": result.rate, "effective_batch": self.effective_batch,
-            "world_size": self.env.world, "parameters": self.parameters, "dataset": self.dataset_name,
+            "world_size": self.env.world, "parameters": self.parameters,
+            "trainable_parameters": self.trainable, "dataset": self.dataset_name,
             "train_episodes": len(self.train_eps), "val_episodes": len(self.val_eps),
             "weights_digests": result.digests,
         }

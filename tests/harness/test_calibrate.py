@@ -15,6 +15,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
+from safetensors.numpy import save_file
 
 from harness.calibrate import CALIBRATION_SEEDS, CalibrateConfig, calibrate, calibration_manifest
 from harness.cli import register_configs
@@ -83,7 +84,7 @@ def test_a_calibration_is_refused_for_a_checkpoint_with_other_weights(fitted, tm
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()
     (ckpt / "config.json").write_text("{}")
-    (ckpt / "model.safetensors").write_bytes(b"weights one")
+    save_file({"w": np.ones(1)}, ckpt / "model.safetensors")  # whole weights: PolicySpec checks the header
     spec = PolicySpec(str(ckpt))
     cal = Calibration.load(fitted / CALIBRATION_FILE)
     cal.policy = spec.identity()
@@ -95,7 +96,7 @@ def test_a_calibration_is_refused_for_a_checkpoint_with_other_weights(fitted, tm
     assert resolve_calibration(PolicySpec(str(ckpt), temperature=1.0), None, ['reach']) is None  # other decoding
     with pytest.raises(UsageError, match="other decoding settings"):
         resolve_calibration(PolicySpec(str(ckpt), temperature=1.0), str(ckpt), ['reach'])
-    (ckpt / "model.safetensors").write_bytes(b"weights two")
+    save_file({"w": np.zeros(1)}, ckpt / "model.safetensors")
     assert weights_digest(ckpt) != cal.policy["digest"]
     with pytest.raises(UsageError, match="was fitted for weights"):
         resolve_calibration(spec, None, ['reach'])
@@ -166,7 +167,7 @@ def test_a_copied_checkpoint_keeps_its_calibration(fitted, tmp_path):
     src = tmp_path / "a"
     src.mkdir()
     (src / "config.json").write_text("{}")
-    (src / "model.safetensors").write_bytes(b"same weights")
+    save_file({"w": np.ones(1)}, src / "model.safetensors")
     cal = Calibration.load(fitted / CALIBRATION_FILE)
     cal.policy = PolicySpec(str(src)).identity()
     cal.save(src / CALIBRATION_FILE)
