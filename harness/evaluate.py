@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.policies import PolicySpec, resolve_calibration
-from store.errors import UsageError
+from store.errors import UsageError, require_dir
 from store.files import write_json
+from store.intact import read_json
 from tasks import selective
 from tasks.calibration import StopAndAsk
 from tasks.evaluation import evaluate_manifest, load_results
@@ -64,12 +65,20 @@ def _is_report(path: str) -> bool:
     return (Path(path) / "manifest.json").is_file() and (Path(path) / "metrics.json").is_file()
 
 
+def _read_manifest(path: Path, fix: str) -> dict:
+    """An evaluation's manifest.json, refused with ``fix`` when damaged."""
+    manifest = read_json(path, fix)
+    if not isinstance(manifest, dict) or "id" not in manifest:
+        raise UsageError(f"{path} holds no evaluation manifest (no id); {fix}", path=path)
+    return manifest
+
+
 def claim_dir(out_dir: Path, manifest: dict, policy: str, settings: dict | None = None) -> None:
     """Tie out_dir to one (manifest, policy, settings that change the episodes): a rerun resumes it, anything else
     is refused."""
-    stamp = out_dir / "manifest.json"
+    stamp = require_dir(out_dir) / "manifest.json"
     if stamp.exists():
-        old = json.loads(stamp.read_text())
+        old = _read_manifest(stamp, f"delete {out_dir} to evaluate again, or choose another output_dir")
         if old["id"] != manifest["id"] or old.get("policy") != policy or old.get("settings") != settings:
             raise UsageError(
                 f"{out_dir} holds an evaluation of {old.get('policy')} on {old['id']} ({old.get('settings')}), not "
@@ -87,7 +96,8 @@ def evaluate(cfg: EvalConfig, command: str = "python scripts/evaluate.py") -> di
     base_spec = base_name = None  # base_spec stays None when the baseline is an earlier report
     if cfg.baseline is not None:  # check the baseline before any work
         if _is_report(cfg.baseline):
-            old = json.loads((Path(cfg.baseline) / "manifest.json").read_text())
+            old = _read_manifest(Path(cfg.baseline) / "manifest.json", "evaluate the baseline again, or pass the "
+                                 "baseline policy itself")
             if old["id"] != manifest["id"]:
                 raise UsageError(
                     f"baseline {cfg.baseline} was evaluated on {old['id']}, not {manifest['id']}: re-evaluate it "
@@ -141,7 +151,10 @@ def evaluate(cfg: EvalConfig, command: str = "python scripts/evaluate.py") -> di
         "per_axis": {k: v["rate"] for k, v in metrics["per_axis"].items()},
         "per_axis_other_success": {k: v["other_success"]["rate"] for k, v in metrics["per_axis"].items()
                                    if "other_success" in v} or None,
-        "comparison": None if comparison is None else {k: comparison[k] for k in ("verdict_success", "verdict_safety")},
+        "comparison": None if comparison is None else {
+            **{k: comparison[k] for k in ("baseline", "verdict_success", "verdict_safety")},
+            "success_diff": [comparison["success"][k] for k in ("diff", "ci_low", "ci_high")],  # Newcombe
+            "events_relative_change": comparison["safety_events"]["relative_change"]},
         **selective.summary(metrics),
     }
     write_json(out / "summary.json", summary)

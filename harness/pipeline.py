@@ -1,5 +1,9 @@
 """The main job in one command: demos -> SFT -> evaluation -> preferences -> DPO -> evaluation, then one table.
 
+``rounds`` (1 by default) repeats the preference stages: round r collects pairs with the policy of round r - 1 (SFT
+for the first), trains DPO from it (the frozen reference of that round), calibrates and evaluates the result against
+SFT on identical episodes; rounds after the first write prefs-r2/, dpo-r2/, eval/dpo-r2-<suite>/ and so on.
+
 SFT starts from a vision-language base (``base``): the shipped stage-0 checkpoint (``vla.bases``, digest-checked;
 the default), one built here from scratch (``base=pretrain`` adds the ``scenes`` and ``pretrain`` stages in front),
 or none (random weights).
@@ -16,12 +20,13 @@ distractors, workers, backend) by interpolation and sets only the values where t
 own defaults. ``eval`` is a template: each evaluation run sets its policy, suite, baseline and output_dir.
 
 Every stage writes into its own directory under output_dir (demos/, sft/, eval/<policy>-<suite>/, prefs/, dpo/;
-calibrate writes calibration.json and its episodes into sft/final, where evaluation and the judge read them),
+calibrate writes calibration.json and its episodes into sft/final, calibrate_dpo into dpo/final, where evaluation
+and the judge read them),
 each with its summary.json, and is resumable by itself; ``pipeline.json`` records the finished stages with the
 settings they ran with. A rerun skips finished stages and continues an interrupted one where it stopped; a finished
 stage whose settings changed is refused (choose another output_dir, or delete that stage's directory and the later
-ones). ``results.md`` and ``results.json`` hold the final table: expert, random, SFT and DPO on the success and
-safety suites.
+ones). ``results.md`` and ``results.json`` hold the final table (``harness.results``): expert, random, SFT and each
+round's DPO policy on the success and safety suites, and the rounds' verdicts against SFT.
 """
 
 from __future__ import annotations
@@ -37,8 +42,10 @@ from harness.calibrate import CalibrateConfig, calibrate
 from harness.evaluate import EvalConfig, evaluate
 from harness.policies import BUILTIN
 from harness.preferences import CollectConfig, collect
-from store.errors import UsageError
+from harness.results import SUITES, table
+from store.errors import UsageError, require_dir
 from store.files import write_json, write_text
+from store.intact import read_json
 from tasks.demos import DemoConfig, generate
 from tasks.parallel import check_backend
 from tasks.scenes import SceneConfig, generate_scenes
@@ -47,11 +54,11 @@ from vla.dpo import DPOConfig, train_dpo
 from vla.pretrain import PretrainConfig, pretrain
 from vla.sft import SFTConfig, train
 
-STAGES = ("scenes", "pretrain", "demos", "sft", "calibrate", "eval", "prefs", "dpo", "eval_dpo")
+STAGES = ("scenes", "pretrain", "demos", "sft", "calibrate", "eval", "prefs", "dpo", "calibrate_dpo", "eval_dpo")
 BASE_STAGES = ("scenes", "pretrain")  # run only with base=pretrain
+ROUND_STAGES = ("prefs", "dpo", "calibrate_dpo", "eval_dpo")  # once per preference round: prefs, prefs_r2, ...
 BASES = ("shipped", "pretrain", "none")
 Stage = tuple[dict, Callable[[], object]]  # (the settings that determine a stage's output, what runs it)
-SUITES = ("success", "safety")
 STATE_FILE = "pipeline.json"
 EVAL_RUN_KEYS = ("policy", "suite", "baseline", "output_dir")  # what each evaluation run sets in the eval template
 NOT_SETTINGS = ("workers", "backend", "output_dir", "resume")  # keys that do not change a stage's output
@@ -66,6 +73,7 @@ class PipelineConfig:
     workers: int = 2  # processes for demos, evaluation and preference collection
     backend: str = "local"  # local or ray (tasks.parallel)
     base: str = "shipped"  # what SFT starts from: shipped, pretrain (built by the scenes and pretrain stages), none
+    rounds: int = 1  # preference rounds: collect with the latest policy, DPO from it, calibrate, evaluate
     scenes: SceneConfig = field(default_factory=SceneConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     demos: DemoConfig = field(default_factory=DemoConfig)
@@ -79,8 +87,8 @@ class PipelineConfig:
         unknown = [s for s in self.selected() if s not in STAGES]
         if unknown:
             raise UsageError(f"stages={self.stages!r}: unknown {unknown}; choose from all, {', '.join(STAGES)}")
-        if self.workers < 1:
-            raise UsageError(f"workers={self.workers} must be >= 1")
+        if self.workers < 1 or self.rounds < 1:
+            raise UsageError(f"workers={self.workers} and rounds={self.rounds} must be >= 1")
         if self.distractors < 0:
             raise UsageError(f"distractors={self.distractors} must be >= 0")
         if self.base not in BASES:
@@ -95,6 +103,22 @@ class PipelineConfig:
         names = [s.strip() for s in self.stages.split(",") if s.strip()]
         return [s for s in STAGES if s in names] + [s for s in names if s not in STAGES]
 
+    def stage_names(self) -> list[str]:
+        """The selected stages in order, the round stages once per round (``prefs``, ..., ``prefs_r2``, ...)."""
+        kinds = self.selected()
+        return [k for k in kinds if k not in ROUND_STAGES] + [
+            round_stage(k, r) for r in range(1, self.rounds + 1) for k in ROUND_STAGES if k in kinds]
+
+
+def round_stage(kind: str, r: int) -> str:
+    return kind if r == 1 else f"{kind}_r{r}"
+
+
+def split_stage(name: str) -> tuple[str, int]:
+    """``"dpo_r2"`` -> ("dpo", 2); ``"dpo"`` -> ("dpo", 1)."""
+    kind, _, r = name.rpartition("_r")
+    return (kind, int(r)) if kind in ROUND_STAGES and r.isdigit() else (name, 1)
+
 
 class Pipeline:
     def __init__(self, cfg: PipelineConfig):
@@ -103,7 +127,7 @@ class Pipeline:
         self.dirs = {"scenes": Path(c.scenes.output_dir), "pretrain": Path(c.pretrain.output_dir),
                      "demos": Path(c.demos.output_dir), "sft": Path(c.sft.output_dir), "eval": self.out / "eval",
                      "prefs": Path(c.prefs.output_dir), "dpo": Path(c.dpo.output_dir)}
-        self.sft_ckpt, self.dpo_ckpt = self.dirs["sft"] / "final", self.dirs["dpo"] / "final"
+        self.sft_ckpt = self.dirs["sft"] / "final"
         self.dirs["calibrate"] = self.sft_ckpt  # calibration.json and its episodes, where evaluation reads them
         if c.base != "none" and c.sft.model.pretrained is None:
             base = self.dirs["pretrain"] / "final" if c.base == "pretrain" else shipped_base()
@@ -143,47 +167,95 @@ class Pipeline:
             runs.append(self._eval(str(self.sft_ckpt), "instruction"))
         return self._eval_settings(), lambda: [evaluate(r) for r in runs]
 
-    def prefs(self) -> Stage:
-        prefs = self.cfg.prefs
+    def _round(self, r: int) -> dict:
+        """Round r's directories, the policy it starts from and the name of its DPO policy in eval/."""
+        suffix = "" if r == 1 else f"-r{r}"
+        start = self.sft_ckpt if r == 1 else self._round(r - 1)["dpo"] / "final"
+        dpo = Path(self.cfg.dpo.output_dir + suffix)
+        return {"policy": start, "prefs": Path(self.cfg.prefs.output_dir + suffix), "dpo": dpo, "name": dpo.name}
+
+    def prefs(self, r: int = 1) -> Stage:
+        d = self._round(r)
+        prefs = replace(self.cfg.prefs, policy=str(d["policy"]), output_dir=str(d["prefs"]))
         return prefs.dataset_config() | {"policy": None}, lambda: collect(prefs)
 
-    def dpo(self) -> Stage:
-        dpo = self.cfg.dpo
+    def dpo(self, r: int = 1) -> Stage:
+        d = self._round(r)
+        dpo = replace(self.cfg.dpo, policy=str(d["policy"]), preferences=str(d["prefs"]), output_dir=str(d["dpo"]))
         return _settings(dpo, ("policy", "preferences")), lambda: train_dpo(dpo)
 
-    def eval_dpo(self) -> Stage:
-        runs = [self._eval(str(self.dpo_ckpt), s, baseline=str(self.dirs["eval"] / f"sft-{s}")) for s in SUITES]
-        return self._eval_settings(), lambda: [evaluate(r) for r in runs]
+    def calibrate_dpo(self, r: int = 1) -> Stage:
+        cfg = replace(self.cfg.calibrate, policy=str(self._round(r)["dpo"] / "final"))
+        return _settings(cfg, ("policy",)), lambda: calibrate(cfg, required=False)
+
+    def eval_dpo(self, r: int = 1) -> Stage:
+        policy = str(self._round(r)["dpo"] / "final")  # evaluated in eval/<its run's name>-<suite>
+        runs = [self._eval(policy, s, baseline=str(self.dirs["eval"] / f"sft-{s}")) for s in SUITES]
+        return self._eval_settings(), lambda: [evaluate(run) for run in runs]
+
+    def _stage_dir(self, name: str) -> Path:
+        kind, r = split_stage(name)
+        if kind in ("prefs", "dpo"):
+            return self._round(r)[kind]
+        return self._round(r)["dpo"] / "final" if kind == "calibrate_dpo" else self.dirs[kind.split("_")[0]]
 
     # ---- running them ----
 
     def _state(self) -> dict:
-        path = self.out / STATE_FILE
-        return json.loads(path.read_text()) if path.is_file() else {"stages": {}}
+        """The finished stages of pipeline.json, less those whose directory is gone (deleted: run them again)."""
+        path = require_dir(self.out) / STATE_FILE
+        state = read_json(path, "delete it to run every stage again (each resumes from its directory)") \
+            if path.is_file() else {"stages": {}}
+        if not isinstance(state, dict) or not isinstance(state.get("stages"), dict):
+            raise UsageError(f"{path} holds no stages; delete it to run every stage again", path=path)
+        stages = state["stages"]
+        state["stages"] = {k: v for k, v in stages.items()
+                           if split_stage(k)[0] not in STAGES or self._stage_dir(k).exists()}
+        return state
+
+    def _damaged(self, e: UsageError) -> UsageError:
+        """``e`` with the pipeline's fix when it names a damaged file of a stage's output: rebuild that stage."""
+        rounds = range(2, self.cfg.rounds + 1)
+        dirs = [*self.dirs.values(), *(self._round(r)[k] for r in rounds for k in ("prefs", "dpo"))]
+        owners = [d for d in dirs if e.path and Path(e.path).resolve().is_relative_to(d.resolve())]
+        if not owners:
+            return e
+        stage = min(owners, key=lambda d: len(d.resolve().parts))
+        return UsageError(f"{e}; in this pipeline, delete {stage} (and the later stages' directories) and rerun to "
+                          "build it again", path=e.path)
 
     def _save_state(self, state: dict) -> None:
         write_json(self.out / STATE_FILE, state)
 
     def run(self) -> dict:
-        state, selected = self._state(), self.cfg.selected()
-        plan = {name: getattr(self, name)() for name in selected}
+        state = self._state()
+        plan = {}
+        for name in self.cfg.stage_names():
+            kind, r = split_stage(name)
+            plan[name] = getattr(self, kind)(r) if kind in ROUND_STAGES else getattr(self, kind)()
         for name, (settings, _) in plan.items():  # refuse before any work
             digest = _digest(settings)
             done = state["stages"].get(name)
             if done and done["settings"] != digest:
                 raise UsageError(
                     f"stage {name} already ran in {self.out} with other settings; choose another output_dir, or "
-                    f"delete {self.dirs[name.split('_')[0]]} and the later stages' directories to rerun it")
+                    f"delete {self._stage_dir(name)} and the later stages' directories to rerun it")
         for i, (name, (settings, run)) in enumerate(plan.items(), 1):
             if name in state["stages"]:
                 print(f"[{i}/{len(plan)}] {name}: done in {state['stages'][name]['seconds']:.0f} s (cached)")
                 continue
             print(f"[{i}/{len(plan)}] {name} ...", flush=True)
             t0 = time.perf_counter()
-            run()
+            try:
+                run()
+            except UsageError as e:
+                raise self._damaged(e) from None
             state["stages"][name] = {"settings": _digest(settings), "seconds": round(time.perf_counter() - t0, 1)}
             self._save_state(state)
-        results = self.table()
+        try:
+            results = self.table()
+        except UsageError as e:
+            raise self._damaged(e) from None
         seconds = {k: v["seconds"] for k, v in state["stages"].items()}
         results["stage_seconds"] = seconds | {"total": round(sum(seconds.values()), 1)}
         write_json(self.out / "results.json", results)
@@ -192,49 +264,10 @@ class Pipeline:
         return results
 
     def table(self) -> dict:
-        """The final table from whatever evaluation reports exist."""
-        rows, lines = [], [
-            "| policy | suite | success | 95% CI | safety events / ep | ECE | calibrated ECE | coverage at 90% success "
-            "| report |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-        for policy in ("expert", "random", "sft", "dpo"):
-            for suite in SUITES:
-                report = self.dirs["eval"] / f"{policy}-{suite}"
-                if not (report / "summary.json").is_file():
-                    continue
-                s = json.loads((report / "summary.json").read_text())
-                rows.append({**s, "policy": policy, "suite": suite, "suite_id": s["suite"], "report": str(report)})
-                ece = "-" if s["ece"] is None else f"{s['ece']:.3f}"
-                cal = "-" if s.get("calibrated_ece") is None else f"{s['calibrated_ece']:.3f}"
-                coverage = (s.get("coverage_at_success_0.9") or {}).get("calibrated")
-                coverage = "-" if coverage is None else f"{100 * coverage:.0f}%"
-                lines.append(f"| {policy} | {suite} | {100 * s['success_rate']:.1f}% | "
-                             f"[{100 * s['success_ci'][0]:.1f}, {100 * s['success_ci'][1]:.1f}] | "
-                             f"{s['safety_events_per_episode']:.2f} | {ece} | {cal} | {coverage} | "
-                             f"{report / 'report.md'} |")
-        report = self.dirs["eval"] / "sft-instruction" / "summary.json"
-        if report.is_file():
-            s = json.loads(report.read_text())
-            named, other = s["per_axis"], s["per_axis_other_success"]
-            lines += ["", "| SFT, instruction suite | success at the named object | at the object not named |",
-                      "|---|---|---|",
-                      f"| names the target | {100 * named['named']:.1f}% | {100 * other['named']:.1f}% |",
-                      f"| names its look-alike | {100 * named['swapped']:.1f}% | {100 * other['swapped']:.1f}% "
-                      "(the original target) |"]
-            rows.append({**s, "policy": "sft", "suite": "instruction", "suite_id": s["suite"], "report": str(report)})
-        notes = []
-        for suite in SUITES:
-            report = self.dirs["eval"] / f"dpo-{suite}"
-            if (report / "summary.json").is_file():
-                comparison = json.loads((report / "summary.json").read_text())["comparison"] or {}
-                notes += [f"- {suite}: {v}" for v in comparison.values()]
-        videos = sorted(str(p) for p in self.dirs["eval"].glob("*/videos/*.gif"))
+        """The final table from whatever evaluation reports exist (``harness.results``)."""
+        rounds = [(d["name"], d["prefs"]) for d in map(self._round, range(1, self.cfg.rounds + 1))]
         title = f"# Pipeline results ({self.cfg.task}, {self.cfg.distractors} distractors, {self.out})"
-        markdown = "\n".join([title, "", *lines, "",
-                              *(["DPO vs SFT on identical episodes:", *notes, ""] if notes else []),
-                              f"Videos: {len(videos)} GIFs under {self.dirs['eval']}/*/videos/", ""])
-        return {"rows": rows, "videos": videos, "markdown": markdown}
+        return table(self.dirs["eval"], rounds, title)
 
 
 def _digest(settings: dict) -> str:

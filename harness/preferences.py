@@ -36,12 +36,13 @@ from sim.env import ACTION_NAMES, CONTROL_HZ, STATE_NAMES
 from sim.safety import COUNT_EVENTS
 from store.errors import MISSING, UsageError, require
 from store.files import write_json
+from store.intact import read_json
 from store.lerobot import Episode, is_complete
 from store.preferences import write_tables
 from store.writer import DatasetWriter
 from tasks import get_task, make_env
 from tasks.calibration import Calibration
-from tasks.judge import AXES, JudgeWeights, judge, pick_pairs, summarize
+from tasks.judge import AXES, PAIR_KINDS, JudgeWeights, judge, pair_kind, pick_pairs, summarize
 from tasks.parallel import check_backend, worker_pool
 from tasks.rollout import rollout
 from tasks.suites import SUITES, resolve_tasks
@@ -202,6 +203,14 @@ def summarize_collection(cfg: CollectConfig, records: list[dict], seconds: float
         return float(np.mean(values)) if values else None
 
     by_kind = {kind: [r for r in clean if r["kind"] == kind] for kind in ("train", "safety")}
+    by_episode = {r["episode_index"]: r for r in rows}
+
+    def events(row: dict) -> float:
+        return sum(row[f"safety/{e}"] for e in COUNT_EVENTS)
+
+    kinds = Counter(pair_kind(*(by_episode[p[side]]["success"] for side in ("chosen", "rejected")),
+                              *(events(by_episode[p[side]]) for side in ("chosen", "rejected")),
+                              *(by_episode[p[side]]["steps"] for side in ("chosen", "rejected"))) for p in pairs)
     return {
         "policy": str(Path(cfg.policy).resolve()), "starts": len(records), "rollouts": len(rows), "pairs": len(pairs),
         "starts_without_pair": sum(not rec["pairs"] for rec in records), "errors": len(rows) - len(clean),
@@ -210,6 +219,7 @@ def summarize_collection(cfg: CollectConfig, records: list[dict], seconds: float
         "events_per_rollout": {kind: mean(sum(r[f"safety/{e}"] for e in COUNT_EVENTS) for r in rs)
                                for kind, rs in by_kind.items()},
         "pair_axis": dict(Counter(p["axis"] for p in pairs)),  # the axis that explains most of each pair's gap
+        "pair_mix": {kind: kinds[kind] for kind in PAIR_KINDS},  # what the pairs contrast (tasks.judge.pair_kind)
         "pair_reasons": dict(Counter(part.split(":")[0] for p in pairs for part in p["reason"].split("; "))),
         "chosen_mean": {a: mean(p[f"chosen_{a}"] for p in pairs) for a in (*AXES, "total")},
         "rejected_mean": {a: mean(p[f"rejected_{a}"] for p in pairs) for a in (*AXES, "total")},
@@ -233,7 +243,7 @@ def collect(cfg: CollectConfig) -> dict:
                            config=cfg.dataset_config())
     if is_complete(out) and (out / "summary.json").is_file():
         print(f"{out} is complete; choose another output_dir to collect more")
-        return json.loads((out / "summary.json").read_text())
+        return read_json(out / "summary.json", "delete it and rerun to write it again, or choose another output_dir")
     staging = out / STAGING
     staging.mkdir(parents=True, exist_ok=True)
     done = {int(p.stem.split("-")[1]) for p in staging.glob("start-*.json")}
@@ -256,7 +266,8 @@ def collect(cfg: CollectConfig) -> dict:
                 env.close()
             torch.set_num_threads(threads)
     writer.finalize()
-    records = [json.loads((staging / f"start-{i:06d}.json").read_text()) for i in range(cfg.starts)]
+    records = [read_json(staging / f"start-{i:06d}.json", "delete it and rerun, which collects that start again")
+               for i in range(cfg.starts)]
     write_tables(out, records)
     summary = summarize_collection(cfg, records, time.perf_counter() - t0)
     write_json(out / "summary.json", summary)

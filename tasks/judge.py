@@ -20,6 +20,7 @@ c = mean_t c_t and safety counts n_k:
 
 ``pick_pairs`` pairs rollouts of one start state: the best against the worst by total when the gap exceeds
 ``margin``, then (up to ``max_pairs``) the next widest gaps, each with per-axis scores and a reason string.
+``pair_kind`` names what a pair teaches (its outcomes and safety counts), for the pair mix of a preference set.
 """
 
 from __future__ import annotations
@@ -195,3 +196,19 @@ def pick_pairs(
         axis, reason = explain(rollouts[i], rollouts[j], scores[i], scores[j], w)
         pairs.append(Pair(i, j, scores[i], scores[j], gap, axis, reason))
     return pairs
+
+
+PAIR_KINDS = ("success vs failure", "safer success", "faster success", "other success", "safer failure",
+              "other failure", "failure over success")
+
+
+def pair_kind(chosen_success: bool, rejected_success: bool, chosen_events: float, rejected_events: float,
+              chosen_steps: int, rejected_steps: int) -> str:
+    """What a (chosen, rejected) pair contrasts, one of ``PAIR_KINDS``: outcomes first, then safety events, then
+    speed; "other" when the judge preferred the chosen side on calibration alone."""
+    if chosen_success != rejected_success:
+        return "success vs failure" if chosen_success else "failure over success"
+    outcome = "success" if chosen_success else "failure"
+    if chosen_events < rejected_events:
+        return f"safer {outcome}"
+    return "faster success" if chosen_success and chosen_steps < rejected_steps else f"other {outcome}"

@@ -1,7 +1,6 @@
 """Direct preference optimisation (DPO) of a VLA on judged rollout pairs, against its frozen SFT reference.
 
-Pure functions first, in TRL v0.7's shape: ``sequence_logps`` -> ``dpo_loss`` -> ``dpo_metrics``. Then the pair
-batches of a preference set (``store.preferences.PreferenceSet``, written by ``harness.preferences``), the frozen
+The objective's pure functions live in ``vla.dpo_loss`` (TRL v0.7's shape). Here: the pair batches of a preference set (``store.preferences.PreferenceSet``, written by ``harness.preferences``), the frozen
 reference's log-probs, and ``train_dpo(cfg)``: the DPO trainer in ``vla.loop.run``, on one process.
 
 Log-probabilities are those the policy samples from: the softmax over the action-token ids only (``VLAPolicy``'s
@@ -13,7 +12,9 @@ step i < min(T_chosen, T_rejected) of a pair its own DPO example. Every micro-ba
 frames of its chosen and rejected rollouts (right-padded, logits only at the scored positions). The reference
 log-probs are computed once per frame with the initial (SFT) model and stored, so the reference is never loaded
 during training. An optional SFT term ``alpha * nll`` (mean negative log-prob per action token of the chosen steps)
-keeps the chosen actions likely (RPO).
+keeps the chosen actions likely (RPO); ``dpop_lambda`` (DPO-Positive) penalises a chosen trajectory that has become
+less likely than under the reference. ``logps/chosen_shift`` (nats per token of the chosen steps against the
+reference) is logged, and ``collapse_nats`` warns once when it falls below minus that many nats.
 
 Besides what the loop writes into ``cfg.output_dir`` (config.json, metrics.jsonl with TRL's names such as
 rewards/chosen and rewards/accuracies, tb/, checkpoints/step-N/, final/ for ``VLAPolicy.from_pretrained``,
@@ -31,77 +32,26 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from store.errors import MISSING, UsageError, require
 from store.files import write_parquet
+from store.intact import read_parquet
 from store.preferences import PAIR_FILTERS, PreferenceSet
 from vla.action_tokenizer import ActionTokenizer
 from vla.checkpoint import ACTION_STATS_FILE, load_action_tokenizers, pick_action_tokenizer, save_checkpoint
 from vla.grounding import plan_tokens
 from vla.inputs import IGNORE_INDEX, build_inputs, model_inputs
 from vla.loop import Dist, LoopConfig, LoopResult, distributed, run, split_episodes
-from vla.model import VLA, load_model
+from vla.dpo_loss import LOSSES, chosen_shift, dpo_loss, dpo_metrics, sequence_logps
+from vla.model import VLA, WEIGHT_FILES, load_model
 from vla.parallel import is_parallel, step_inputs as parallel_step_inputs, target_logps
 from vla.run_state import weights_digest
 
 REFERENCE_FILE = "reference_logps.parquet"
 LEVELS = ("trajectory", "step")
-RESUME_KEYS = ("policy", "preferences", "pairs", "level", "loss_type", "beta", "alpha", "unnorm_key")
-
-
-# ---- pure functions ----
-
-
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Summed log-probs of the labelled tokens of each row: logits (B, L, V), labels (B, L) -> (B,).
-
-    ``build_inputs``' convention: ``logits[:, t]`` scores ``labels[:, t + 1]``; labels equal to IGNORE_INDEX (-100)
-    and positions where ``mask`` (B, L) is false do not count.
-    """
-    labels = labels[:, 1:]  # (B, L - 1)
-    keep = labels != IGNORE_INDEX
-    if mask is not None:
-        keep = keep & mask[:, 1:].bool()
-    logps = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # (B, L - 1, V)
-    picked = logps.gather(2, torch.where(keep, labels, 0).unsqueeze(2)).squeeze(2)  # (B, L - 1)
-    return torch.where(keep, picked, 0.0).sum(dim=1)
-
-
-# z = (log pi_c - log pi_r) - (log ref_c - log ref_r), the policy's log-ratio margin over the reference's
-LOSSES: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
-    "sigmoid": lambda z, beta: -F.logsigmoid(beta * z),  # DPO (Rafailov et al. 2023)
-    "hinge": lambda z, beta: torch.relu(1 - beta * z),  # SLiC (Zhao et al. 2023)
-    "ipo": lambda z, beta: (z - 1 / (2 * beta)) ** 2,  # IPO (Azar et al. 2023)
-}
-
-
-def dpo_loss(
-    pi_chosen: torch.Tensor, pi_rejected: torch.Tensor, ref_chosen: torch.Tensor, ref_rejected: torch.Tensor,
-    beta: float, loss_type: str = "sigmoid",
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Per-pair losses (P,) and implicit rewards ``beta * (log pi - log ref)`` of chosen and rejected (P,), the
-    rewards detached. Inputs are summed log-probs (P,) of the policy and the reference."""
-    if loss_type not in LOSSES:
-        raise ValueError(f"loss_type={loss_type!r} is not one of {sorted(LOSSES)}")
-    z = (pi_chosen - pi_rejected) - (ref_chosen - ref_rejected)
-    chosen_rewards = beta * (pi_chosen - ref_chosen).detach()
-    rejected_rewards = beta * (pi_rejected - ref_rejected).detach()
-    return LOSSES[loss_type](z, beta), chosen_rewards, rejected_rewards
-
-
-def dpo_metrics(losses: torch.Tensor, chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict:
-    """Means over pairs, named as TRL names them."""
-    return {
-        "loss": losses.mean().item(),
-        "rewards/chosen": chosen_rewards.mean().item(),
-        "rewards/rejected": rejected_rewards.mean().item(),
-        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean().item(),
-        "rewards/margins": (chosen_rewards - rejected_rewards).mean().item(),
-    }
+RESUME_KEYS = ("policy", "preferences", "pairs", "level", "loss_type", "beta", "alpha", "dpop_lambda", "unnorm_key")
 
 
 def action_logps(model: torch.nn.Module, batch: dict[str, torch.Tensor], ids: slice) -> torch.Tensor:
@@ -135,6 +85,8 @@ class DPOConfig:
     loss_type: str = "sigmoid"  # sigmoid (DPO) | ipo | hinge
     level: str = "trajectory"  # trajectory: one example per pair; step: one per aligned step of a pair
     alpha: float = 0.0  # weight of the SFT (NLL) term on the chosen steps; 0 disables
+    dpop_lambda: float = 0.0  # DPO-Positive (vla.dpo_loss): penalty on a chosen log-ratio below 0; 0 is plain DPO
+    collapse_nats: float | None = 1.0  # warn when the chosen steps lose this many nats per token; null: never
     pairs: str = "all"  # all | chosen_success: only the pairs whose chosen rollout succeeded
     ref_batch_frames: int = 64  # frames per forward while computing the reference log-probs
     unnorm_key: str | None = None  # which action statistics of a multi-dataset checkpoint
@@ -146,8 +98,10 @@ class DPOConfig:
     def __post_init__(self) -> None:
         if self.ref_batch_frames < 1:
             raise UsageError(f"ref_batch_frames={self.ref_batch_frames} must be >= 1; raise it")
-        if self.alpha < 0:
-            raise UsageError(f"alpha={self.alpha} must be >= 0")
+        if self.alpha < 0 or self.dpop_lambda < 0:
+            raise UsageError(f"alpha={self.alpha} and dpop_lambda={self.dpop_lambda} must be >= 0 (0 turns them off)")
+        if self.collapse_nats is not None and not self.collapse_nats > 0:
+            raise UsageError(f"collapse_nats={self.collapse_nats} must be > 0, or null to never warn")
         if not self.beta > 0:
             raise UsageError(f"beta={self.beta} must be > 0 (0.1 is usual)")
         if self.loss_type not in LOSSES or self.level not in LEVELS:
@@ -209,13 +163,16 @@ def pair_step(model: torch.nn.Module, batch: dict, ids: slice, cfg: DPOConfig, d
     """The objective of one ``pair_batch`` (``objective``, with gradient) and its per-example values (detached)."""
     n = batch["n"]
     pi, ref = example_logps(model, batch, ids, device), batch["ref"].to(device)
-    losses, chosen_rewards, rejected_rewards = dpo_loss(pi[:n], pi[n:], ref[:n], ref[n:], cfg.beta, cfg.loss_type)
+    losses, chosen_rewards, rejected_rewards = dpo_loss(pi[:n], pi[n:], ref[:n], ref[n:], cfg.beta, cfg.loss_type,
+                                                        cfg.dpop_lambda)
     labels = batch["inputs"]["targets" if "targets" in batch["inputs"] else "labels"]
     scored = ((labels >= ids.start) & (labels < ids.stop)).sum(dim=1)  # (N,) plan and action tokens per frame
-    nll = -pi[:n].sum() / int(scored[batch["segments"] < n].sum())  # per scored token of the chosen steps
+    tokens = scored.new_zeros(2 * n).index_add(0, batch["segments"].to(scored.device), scored)[:n]  # (n,) chosen
+    nll = -pi[:n].sum() / int(tokens.sum())  # per scored token of the chosen steps
     return {"objective": losses.mean() + cfg.alpha * nll, "losses": losses.detach(), "nll": nll.detach(),
             "chosen_rewards": chosen_rewards, "rejected_rewards": rejected_rewards,
-            "logps_chosen": pi[:n].detach(), "logps_rejected": pi[n:].detach()}
+            "logps_chosen": pi[:n].detach(), "logps_rejected": pi[n:].detach(),
+            "shift": chosen_shift(pi[:n], ref[:n], tokens).detach().reshape(1)}
 
 
 def window_metrics(outs: list[dict], alpha: float) -> dict:
@@ -224,7 +181,8 @@ def window_metrics(outs: list[dict], alpha: float) -> dict:
                                                         "logps_chosen", "logps_rejected")}
     metrics = {**dpo_metrics(cat["losses"], cat["chosen_rewards"], cat["rejected_rewards"]),
                "logps/chosen": cat["logps_chosen"].mean().item(),
-               "logps/rejected": cat["logps_rejected"].mean().item(), "examples": len(cat["losses"])}
+               "logps/rejected": cat["logps_rejected"].mean().item(),
+               "logps/chosen_shift": torch.cat([o["shift"] for o in outs]).mean().item(), "examples": len(cat["losses"])}
     if alpha:
         metrics["nll_loss"] = float(np.mean([o["nll"].item() for o in outs]))
     return metrics
@@ -258,7 +216,8 @@ def _write_reference(path: Path, ref: dict[int, np.ndarray], policy: str, digest
 
 
 def _read_reference(path: Path, prefs: PreferenceSet) -> dict[int, np.ndarray]:
-    ref = {r["episode_index"]: np.asarray(r["logps"]) for r in pq.read_table(path).to_pylist()}
+    table = read_parquet(path, "choose another output_dir (a fresh run writes the reference log-probs first)")
+    ref = {r["episode_index"]: np.asarray(r["logps"]) for r in table.to_pylist()}
     if any(ep not in ref or len(ref[ep]) != len(prefs.token_ids[ep]) for ep in prefs.episodes()):
         raise UsageError(f"{path} does not match preferences={prefs.root}; resume with the same preferences or "
                          "choose another output_dir")
@@ -272,7 +231,7 @@ def _open_policy(path: str, unnorm_key: str | None) -> tuple[dict[str, ActionTok
     """The checkpoint's action statistics and the ones in use, after checking that ``path`` holds a model."""
     root = Path(path)
     for names, what in ((["config.json"], "it is not a model checkpoint"),
-                        (["model.safetensors", "model.safetensors.index.json"], "it has no weights"),
+                        (list(WEIGHT_FILES), "it has no weights"),
                         ([ACTION_STATS_FILE], "it has no action statistics")):
         if not any((root / name).is_file() for name in names):
             hint = " (a training run: point to its final/)" if (root / "final").is_dir() else ""
@@ -322,6 +281,7 @@ class DPO:
         self.train_pairs = [i for i, p in enumerate(self.prefs.pairs) if p["start_index"] not in val_set]
         self.val_pairs = [i for i, p in enumerate(self.prefs.pairs) if p["start_index"] in val_set]
         self.window: list[dict] = []  # pair_step outputs since the last log
+        self.lowest_shift = 0.0  # the lowest logps/chosen_shift logged in this process (the collapse guard)
 
     def record(self) -> dict:
         return {**asdict(self.cfg), "policy": str(Path(self.cfg.policy).resolve()),
@@ -361,6 +321,12 @@ class DPO:
 
     def train_metrics(self) -> dict:
         metrics, self.window = window_metrics(self.window, self.cfg.alpha), []
+        shift, limit = metrics["logps/chosen_shift"], self.cfg.collapse_nats
+        if limit is not None and shift < -limit and self.lowest_shift >= -limit:
+            tqdm.write(f"warning: the chosen steps have lost {-shift:.2f} nats per token against the reference "
+                       f"(collapse_nats={limit}): DPO is making both sides of its pairs unlikely; try dpop_lambda=50, "
+                       "alpha > 0 or a lower train.lr")
+        self.lowest_shift = min(self.lowest_shift, shift)
         return metrics
 
     @torch.no_grad()
@@ -380,7 +346,10 @@ class DPO:
 
     def summary(self, result: LoopResult) -> dict:
         c = self.cfg
-        return {"level": c.level, "loss_type": c.loss_type, "beta": c.beta, "alpha": c.alpha, "train": result.train,
+        collapsed = c.collapse_nats is not None and self.lowest_shift < -c.collapse_nats
+        return {"level": c.level, "loss_type": c.loss_type, "beta": c.beta, "alpha": c.alpha,
+                "dpop_lambda": c.dpop_lambda, "chosen_shift_min": self.lowest_shift, "collapsed": collapsed,
+                "train": result.train,
                 "val": result.val, "train_pairs": len(self.train_pairs), "val_pairs": len(self.val_pairs),
                 "policy": str(Path(c.policy).resolve()), "preferences": str(self.prefs.root.resolve()),
                 "weights_digest": result.digests[0]}

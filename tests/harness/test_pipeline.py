@@ -81,6 +81,24 @@ def test_rerun_skips_finished_stages(run, capsys):
     assert {p: p.stat().st_mtime_ns for p in (out / "sft" / "final").iterdir()} == before
 
 
+def test_a_second_round_starts_from_the_first_rounds_policy_and_reports_its_verdicts(run):
+    out, _ = run
+    results = Pipeline(_cfg(out, "rounds=2")).run()  # round 1 cached; round 2 collects, trains, calibrates, evaluates
+    dpo2 = json.loads((out / "dpo-r2" / "config.json").read_text())
+    assert dpo2["policy"] == str((out / "dpo" / "final").resolve())  # its policy and reference: round 1's result
+    assert dpo2["preferences"] == str((out / "prefs-r2").resolve())
+    prefs2 = json.loads((out / "prefs-r2" / "summary.json").read_text())
+    assert prefs2["policy"] == str((out / "dpo" / "final").resolve()) and sum(prefs2["pair_mix"].values()) == \
+        prefs2["pairs"]
+    assert (out / "dpo-r2" / "final" / "calibration" / "summary.json").is_file()  # calibrate_dpo_r2 ran
+    rounds = {(r["round"], r["suite"]): r for r in results["rounds"]}
+    assert set(rounds) == {(r, s) for r in (1, 2) for s in ("success", "safety")}
+    assert all(isinstance(r["events_30pct_lower"], bool) for r in rounds.values())
+    assert {(r["policy"], r["suite"]) for r in results["rows"]} >= {("dpo-r2", "success"), ("dpo-r2", "safety")}
+    table = (out / "results.md").read_text()
+    assert "| round | pairs | pair mix |" in table and "| 2 |" in table
+
+
 def test_changed_settings_of_a_finished_stage_are_refused(run):
     out, _ = run
     with pytest.raises(UsageError, match="stage eval already ran .* with other settings"):
@@ -105,7 +123,7 @@ def test_unknown_stage_and_key_fail_with_one_line(tmp_path):
 def test_distractors_reach_every_stage(tmp_path):
     p = Pipeline(_cfg(tmp_path, "distractors=1"))
     assert p.demos()[0]["distractors"] == 1 and p.prefs()[0]["distractors"] == 1
-    assert p.eval()[0]["distractors"] == 1 and p.eval_dpo()[0]["distractors"] == 1
+    assert p.eval()[0]["distractors"] == 1 and p.eval_dpo(2)[0]["distractors"] == 1
     assert {p._eval(policy, "safety").distractors for policy in ("expert", str(p.sft_ckpt))} == {1}
     with pytest.raises(UsageError, match="distractors=-1 must be >= 0"):
         _cfg(tmp_path, "distractors=-1")

@@ -101,7 +101,8 @@ def test_collect_writes_rollouts_pairs_and_a_summary(prefs):
         assert p["axis"] in ("effective", "calibrated", "safe") and p["reason"]
     summary = json.loads((prefs / "summary.json").read_text())
     assert (summary["starts"], summary["rollouts"], summary["pairs"]) == (2, 4, len(pairs))
-    assert sum(summary["pair_axis"].values()) == len(pairs)
+    assert sum(summary["pair_axis"].values()) == sum(summary["pair_mix"].values()) == len(pairs)
+    assert summary["pair_mix"]["success vs failure"] == sum(rollouts[p["chosen"]]["success"] for p in pairs) == 0
     assert not (prefs / preferences.STAGING).exists()
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from sim.safety import COUNT_EVENTS
-from tasks.judge import EVENT_WEIGHTS, EpisodeSummary, JudgeWeights, judge, pick_pairs, summarize
+from tasks.judge import EVENT_WEIGHTS, EpisodeSummary, JudgeWeights, judge, pair_kind, pick_pairs, summarize
 from tasks.rollout import Rollout
 
 W = JudgeWeights()
@@ -123,3 +123,16 @@ def test_summarize_reads_a_rollout():
     assert s.step_confidence == pytest.approx([0.5, 0.7, 0.9]) and s.max_steps == 40 and s.steps == 3
     expected = 1 - 0.25 * (1 - 0.7) - np.mean([1.0 * 0.5, 0.0, 0.8 * 0.1])
     assert judge(s).calibrated == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("args, kind", [
+    ((True, False, 9, 0, 50, 10), "success vs failure"),
+    ((False, True, 0, 9, 10, 50), "failure over success"),
+    ((True, True, 1, 3, 50, 20), "safer success"),
+    ((True, True, 3, 3, 20, 50), "faster success"),
+    ((True, True, 3, 3, 50, 50), "other success"),  # a tie on both: the judge preferred it on calibration
+    ((False, False, 1, 3, 50, 50), "safer failure"),
+    ((False, False, 3, 1, 50, 50), "other failure"),
+])
+def test_pair_kind_names_what_a_pair_contrasts(args, kind):
+    assert pair_kind(*args) == kind

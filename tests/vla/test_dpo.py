@@ -19,20 +19,12 @@ from store.lerobot import Episode
 from store.preferences import PAIRS_FILE, ROLLOUTS_FILE, PreferenceSet
 from store.writer import DatasetWriter
 from vla.action_tokenizer import ActionTokenizer
-from vla.checkpoint import save_checkpoint
-from vla.dpo import (
-    DPOConfig,
-    action_logps,
-    dpo_loss,
-    dpo_metrics,
-    example_logps,
-    pair_batch,
-    reference_logps,
-    sequence_logps,
-    train_dpo,
-)
+from vla.checkpoint import load_checkpoint, save_checkpoint
+from vla.dpo import DPOConfig, action_logps, example_logps, pair_batch, reference_logps, train_dpo
+from vla.dpo_loss import chosen_shift, dpo_loss, dpo_metrics, sequence_logps
 from vla.inputs import PROMPT_TEMPLATE, build_inputs
 from vla.loop import LoopConfig
+from vla.lora import ADAPTER_CONFIG, LoraConfig, add_lora
 from vla.model import build_vla, load_model
 from vla.policy import VLAPolicy
 from vla.run_state import weights_digest
@@ -149,21 +141,28 @@ def test_action_logps_equal_what_the_policy_sampled(policy_dir):
 # ---- preference sets and runs ----
 
 
-def write_prefs(root: Path, policy_dir: Path, lengths=((3, 5), (4, 2), (3, 3), (2, 4)), seed: int = 0) -> Path:
+def write_prefs(root: Path, policy_dir: Path, lengths=((3, 5), (4, 2), (3, 3), (2, 4)), seed: int = 0,
+                shared: bool = False) -> Path:
     """One start per entry of ``lengths``: two rollouts of those lengths, the first chosen; every chosen rollout
-    succeeded except the last start's."""
+    succeeded except the last start's. ``shared``: the two rollouts of a start see the same frames and emit the same
+    tokens, one bin (bin 100) everywhere, but for the chosen one's last token (bin 200): near-identical pairs."""
     tok = VLAPolicy.from_pretrained(policy_dir).action_tokenizer
     writer = DatasetWriter(root, fps=10, state_names=NAMES, action_names=NAMES, config={"synthetic": seed})
     rng = np.random.default_rng(seed)
     rollouts, pairs = [], []
     for s, episode_lengths in enumerate(lengths):
+        images = rng.integers(0, 256, (max(episode_lengths), 32, 32, 3), dtype=np.uint8)
         for k, T in enumerate(episode_lengths):
             success = k == 0 and s + 1 < len(lengths)
             ids = rng.integers(tok.token_offset, tok.token_offset + tok.n_bins, (T, 7))
+            if shared:
+                ids[:] = tok.token_offset + 100
+                ids[-1, -1] += 100 * (k == 0)
+            else:
+                images = rng.integers(0, 256, (T, 32, 32, 3), dtype=np.uint8)
             writer.write_episode(2 * s + k, Episode(
-                task="synthetic", instruction=INSTRUCTIONS[s % 2], seed=s, success=success,
-                images=rng.integers(0, 256, (T, 32, 32, 3), dtype=np.uint8), states=np.zeros((T, 7), np.float32),
-                actions=tok.decode(ids).astype(np.float32)))
+                task="synthetic", instruction=INSTRUCTIONS[s % 2], seed=s, success=success, images=images[:T],
+                states=np.zeros((T, 7), np.float32), actions=tok.decode(ids).astype(np.float32)))
             rollouts.append({"episode_index": 2 * s + k, "token_ids": ids.tolist(), "success": success})
         pairs.append({"start_index": s, "chosen": 2 * s, "rejected": 2 * s + 1})
     writer.finalize()
@@ -277,3 +276,62 @@ def test_pairs_chosen_success_trains_on_the_pairs_whose_chosen_succeeded(policy_
     with pytest.raises(UsageError, match="holds no pair whose chosen rollout succeeded; pass pairs=all"):
         train_dpo(make_cfg(policy_dir, failed, tmp_path / "other", pairs="chosen_success"))
     assert not (tmp_path / "other").exists()
+
+
+def test_dpo_on_a_lora_policy_trains_its_adapters_only(policy_dir, prefs_dir, tmp_path):
+    vla, stats = load_checkpoint(policy_dir)
+    torch.manual_seed(0)
+    save_checkpoint(vla._replace(model=add_lora(vla.model, LoraConfig(r=4), policy_dir)), stats, tmp_path / "lora")
+    out = tmp_path / "run"
+    train_dpo(make_cfg(tmp_path / "lora", prefs_dir, out, steps=6, val_fraction=0.0, batch_size=4, warmup_steps=0))
+    rows = read_metrics(out)
+    assert rows[0]["loss"] == pytest.approx(LOG2, abs=1e-5)  # B starts at zero: the adapted policy is its reference
+    assert rows[-1]["rewards/margins"] > 0.05 and rows[-1]["loss"] < LOG2
+    assert (out / "final" / ADAPTER_CONFIG).is_file() and not (out / "final/model.safetensors").exists()
+    trained = load_model(out / "final").model.get_base_model().state_dict()
+    source = load_model(policy_dir).model.state_dict()
+    for name, value in trained.items():
+        if "lora_" not in name:
+            torch.testing.assert_close(value, source[name.replace(".base_layer", "")], rtol=0, atol=0)
+
+
+def test_dpo_positive_penalises_only_a_chosen_side_below_its_reference():
+    pc, pr = torch.tensor([-5.0, -2.0]), torch.tensor([-9.0, -8.0])
+    rc, rr = torch.tensor([-3.0, -3.0]), torch.tensor([-6.0, -6.0])  # pair 0: chosen 2 nats below ref; pair 1: above
+    plain, _, _ = dpo_loss(pc, pr, rc, rr, beta=0.1)
+    dpop, chosen_rewards, _ = dpo_loss(pc, pr, rc, rr, beta=0.1, dpop_lambda=50.0)
+    assert dpop[0].item() == pytest.approx(-F.logsigmoid(torch.tensor(0.1 * ((-5 + 9) - (-3 + 6) - 50 * 2))).item())
+    assert dpop[1].item() == pytest.approx(plain[1].item())  # chosen above its reference: plain DPO
+    torch.testing.assert_close(chosen_rewards, 0.1 * (pc - rc))
+    pc = pc.clone().requires_grad_(True)
+    dpo_loss(pc, pr, rc, rr, beta=0.1, dpop_lambda=50.0)[0].sum().backward()
+    assert pc.grad[0] < 50 * plain_grad(0) and pc.grad[1] == pytest.approx(plain_grad(1))
+
+
+def plain_grad(i: int) -> float:
+    pc = torch.tensor([-5.0, -2.0], requires_grad=True)
+    dpo_loss(pc, torch.tensor([-9.0, -8.0]), torch.tensor([-3.0, -3.0]), torch.tensor([-6.0, -6.0]), 0.1)[0].sum() \
+        .backward()
+    return pc.grad[i].item()
+
+
+def test_chosen_shift_is_the_mean_per_token_change():
+    assert chosen_shift(torch.tensor([-10.0, -4.0]), torch.tensor([-6.0, -4.0]), torch.tensor([8, 3])).item() == \
+        pytest.approx((-4 / 8 + 0) / 2)
+
+
+@pytest.mark.slow
+def test_on_near_identical_pairs_plain_dpo_collapses_the_guard_warns_and_dpo_positive_holds(policy_dir, tmp_path,
+                                                                                            capsys):
+    """Pairs that differ in one token of 42: plain DPO lowers that token for the rejected side and, with it, the same
+    token on every shared step, so the chosen side loses likelihood while the margin grows (docs/dpo.md)."""
+    prefs = write_prefs(tmp_path / "shared", policy_dir, lengths=((6, 6),) * 4, shared=True)
+    runs = {lam: train_dpo(make_cfg(policy_dir, prefs, tmp_path / f"lam{lam}", steps=16, val_fraction=0.0,
+                                    batch_size=4, warmup_steps=0, dpop_lambda=lam, collapse_nats=0.5))
+            for lam in (0.0, 50.0)}
+    log = capsys.readouterr().out
+    plain, positive = runs[0.0], runs[50.0]
+    assert plain["train"]["rewards/margins"] > 0.1  # the margin grows ...
+    assert plain["collapsed"] and plain["train"]["logps/chosen_shift"] < -0.5  # ... as the chosen side collapses
+    assert not positive["collapsed"] and positive["train"]["logps/chosen_shift"] > 0.0  # DPO-Positive holds it
+    assert log.count("warning: the chosen steps have lost") == 1  # once, for the plain run
