@@ -44,6 +44,7 @@ class EvalConfig:
     batch: int = 8  # episodes run in lockstep per worker, the VLA acting on all of them in one call
     baseline: str | None = None  # a policy (as above) or an earlier report dir, compared on the same episodes
     temperature: float = 0.0  # VLA decoding: 0 = greedy
+    chunk_execution: str = "open_loop"  # a chunked VLA (model.action_chunk > 1): open_loop or ensemble (ACT's)
     unnorm_key: str | None = None  # which action statistics of a multi-dataset checkpoint
     image_size: int = 96
     distractors: int | None = None  # objects besides the target in every episode (null: the suite's own, 2)
@@ -92,7 +93,7 @@ def claim_dir(out_dir: Path, manifest: dict, policy: str, settings: dict | None 
 
 def evaluate(cfg: EvalConfig, command: str = "python scripts/evaluate.py") -> dict:
     manifest = build_manifest(cfg.suite, cfg.episodes_per_task, resolve_tasks(cfg.task), cfg.distractors)
-    spec = PolicySpec(cfg.policy, cfg.temperature, cfg.unnorm_key)
+    spec = PolicySpec(cfg.policy, cfg.temperature, cfg.unnorm_key, chunk_execution=cfg.chunk_execution)
     base_spec = base_name = None  # base_spec stays None when the baseline is an earlier report
     if cfg.baseline is not None:  # check the baseline before any work
         if _is_report(cfg.baseline):

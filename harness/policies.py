@@ -16,6 +16,7 @@ from tasks import perturbed
 from tasks.calibration import CALIBRATION_FILE, DECODING, Calibration
 from tasks.perturbed import PerturbedExpert
 from tasks.policy import Policy, RandomPolicy
+from vla.chunking import EXECUTIONS
 
 # The scripted policies, each built per env: name -> (constructor, the constants that define it for a digest).
 BUILTIN: dict[str, tuple[Callable, dict]] = {
@@ -49,9 +50,12 @@ class PolicySpec:
     temperature: float = 0.0
     unnorm_key: str | None = None
     top_p: float = 1.0
+    chunk_execution: str = "open_loop"  # a chunked VLA's chunks: open_loop or ensemble (vla.chunking)
     _vla: object = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        if self.chunk_execution not in EXECUTIONS:
+            raise UsageError(f"chunk_execution={self.chunk_execution!r} is not one of {list(EXECUTIONS)}")
         if self.name not in BUILTIN:
             path = Path(self.name)
             if not (path / "config.json").is_file():
@@ -69,8 +73,8 @@ class PolicySpec:
         if self._vla is None:
             from vla.policy import VLAPolicy  # here: scripted-policy workers never load torch
 
-            self._vla = VLAPolicy.from_pretrained(self.name, unnorm_key=self.unnorm_key,
-                                                 temperature=self.temperature, top_p=self.top_p)
+            self._vla = VLAPolicy.from_pretrained(self.name, unnorm_key=self.unnorm_key, temperature=self.temperature,
+                                                 top_p=self.top_p, chunk_execution=self.chunk_execution)
         return self._vla
 
     def identity(self) -> dict:
@@ -81,8 +85,10 @@ class PolicySpec:
             digest = hashlib.sha256(text.encode()).hexdigest()
         else:
             digest = weights_digest(Path(self.name))
+        # chunk_execution only when not the default, so that calibrations fitted before it existed still match
+        executed = {} if self.chunk_execution == "open_loop" else {"chunk_execution": self.chunk_execution}
         return {"name": self.name, "digest": digest, "temperature": self.temperature, "top_p": self.top_p,
-                "unnorm_key": self.unnorm_key}
+                "unnorm_key": self.unnorm_key, **executed}
 
 
 def resolve_calibration(spec: PolicySpec, path: str | None, tasks: list[str]) -> Calibration | None:
@@ -99,7 +105,7 @@ def resolve_calibration(spec: PolicySpec, path: str | None, tasks: list[str]) ->
             raise UsageError(f"calibration={path}: no such file; fit one with python scripts/calibrate.py")
     cal, identity = Calibration.load(file), spec.identity()
     if path is None and cal.policy["digest"] == identity["digest"]:
-        wrong = {k: cal.policy.get(k) for k in DECODING if cal.policy.get(k) != identity[k]}
+        wrong = {k: cal.policy.get(k) for k in DECODING if cal.policy.get(k) != identity.get(k)}
         if wrong or set(tasks) - set(cal.tasks):
             print(f"note: not applying {file}: fitted at {cal.policy} on tasks {cal.tasks}, this run differs")
             return None

@@ -52,7 +52,7 @@ VERSION = 1
 EPISODE_FEATURES = ("mean_log_confidence", "mean_min_log_prob", "std_log_confidence")
 PLAN_FEATURE = "mean_plan_log_prob"
 STEP_FEATURE = "step_fraction"
-DECODING = ("temperature", "top_p", "unnorm_key")  # policy settings that change the token statistics
+DECODING = ("temperature", "top_p", "unnorm_key", "chunk_execution")  # settings that change the token statistics
 
 
 class Trace(NamedTuple):

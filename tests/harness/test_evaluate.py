@@ -13,6 +13,7 @@ from tasks.suites import build_manifest
 from vla.action_tokenizer import ActionTokenizer
 from vla.checkpoint import save_checkpoint
 from vla.model import build_vla
+from vla.parallel import set_action_head
 from vla.text_tokenizer import action_token_offset, build_tokenizer
 
 
@@ -92,3 +93,17 @@ def test_a_vla_checkpoint_reports_calibration(tmp_path, tiny_model):
     metrics = json.loads((tmp_path / "vla" / "metrics.json").read_text())
     assert metrics["calibration"]["n"] == 3 and 0 <= metrics["calibration"]["ece"] <= 1
     assert out["ece"] == metrics["calibration"]["ece"] and (tmp_path / "vla" / "reliability.png").stat().st_size > 0
+
+
+def test_chunk_execution_reaches_a_chunked_policy_and_its_identity(tmp_path, tiny_model):
+    tok = build_tokenizer(["In: What action should the robot take to touch the red cube?\nOut:"], vocab_size=300)
+    vla = build_vla(tiny_model(arch="fast_vlm"), tok)
+    set_action_head(vla.model, "parallel", 3)
+    stats = ActionTokenizer(np.full(7, -0.03), np.full(7, 0.03), action_token_offset(tok))
+    save_checkpoint(vla, {"demo": stats}, tmp_path / "ckpt")
+    spec = PolicySpec(str(tmp_path / "ckpt"), chunk_execution="ensemble")
+    assert spec(None).chunks.mode == "ensemble" and spec.identity()["chunk_execution"] == "ensemble"
+    assert PolicySpec(str(tmp_path / "ckpt"))(None).chunks.mode == "open_loop"
+    assert "chunk_execution" not in PolicySpec(str(tmp_path / "ckpt")).identity()  # older calibrations still match
+    with pytest.raises(UsageError, match="chunk_execution='later' is not one of"):
+        PolicySpec("expert", chunk_execution="later")
