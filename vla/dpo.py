@@ -1,7 +1,8 @@
 """Direct preference optimisation (DPO) of a VLA on judged rollout pairs, against its frozen SFT reference.
 
-The objective's pure functions live in ``vla.dpo_loss`` (TRL v0.7's shape). Here: the pair batches of a preference set (``store.preferences.PreferenceSet``, written by ``harness.preferences``), the frozen
-reference's log-probs, and ``train_dpo(cfg)``: the DPO trainer in ``vla.loop.run``, on one process.
+The objective's pure functions live in ``vla.dpo_loss`` (TRL v0.7's shape). Here: the pair batches of a preference
+set (``store.preferences.PreferenceSet``, written by ``harness.preferences``), the frozen reference's log-probs, and
+``train_dpo(cfg)``: the DPO trainer in ``vla.loop.run``, on one process.
 
 Log-probabilities are those the policy samples from: the softmax over the action-token ids only (``VLAPolicy``'s
 ``log_probs``), summed over the D action tokens of a step. A chunked policy's step (``vla.parallel``) is scored on
@@ -182,7 +183,8 @@ def window_metrics(outs: list[dict], alpha: float) -> dict:
     metrics = {**dpo_metrics(cat["losses"], cat["chosen_rewards"], cat["rejected_rewards"]),
                "logps/chosen": cat["logps_chosen"].mean().item(),
                "logps/rejected": cat["logps_rejected"].mean().item(),
-               "logps/chosen_shift": torch.cat([o["shift"] for o in outs]).mean().item(), "examples": len(cat["losses"])}
+               "logps/chosen_shift": torch.cat([o["shift"] for o in outs]).mean().item(),
+               "examples": len(cat["losses"])}
     if alpha:
         metrics["nll_loss"] = float(np.mean([o["nll"].item() for o in outs]))
     return metrics
