@@ -1,8 +1,9 @@
-"""The one helper every script shell uses: the Hydra schemas in one place, and ``run(fn, cfg)``.
+"""The helpers every script shell uses: the Hydra schemas in one place, and ``run(fn, cfg)``.
 
 ``run`` turns the composed config into its dataclass (whose ``__post_init__`` checks the values), refuses keys that
 Hydra's ``+key=value`` slipped past the schema, calls ``fn`` and turns a ``UsageError`` into one line,
-``error: <message>``, and exit status 1. Any other exception is a bug and shows its traceback.
+``error: <message>``, and exit status 1. Any other exception is a bug and shows its traceback. ``report(call)`` does
+the same for the argparse scripts (merge_lora, benchmark).
 """
 
 from __future__ import annotations
@@ -64,3 +65,14 @@ def run(fn: Callable[[Any], Any], cfg: DictConfig) -> Any:
         sys.exit(f"error: {e.full_key} is required; pass {e.full_key}=PATH")
     except UsageError as e:
         sys.exit(f"error: {e}")
+
+
+def report(call: Callable[[], Any]) -> int:
+    """The argparse scripts' exit status: 0 after ``call()``, or 1 after printing its ``UsageError`` as one line,
+    ``error: <message>``, on stderr (what ``run`` does for the Hydra scripts)."""
+    try:
+        call()
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0

@@ -208,16 +208,17 @@ def summarize_collection(cfg: CollectConfig, records: list[dict], seconds: float
     def events(row: dict) -> float:
         return sum(row[f"safety/{e}"] for e in COUNT_EVENTS)
 
-    kinds = Counter(pair_kind(*(by_episode[p[side]]["success"] for side in ("chosen", "rejected")),
-                              *(events(by_episode[p[side]]) for side in ("chosen", "rejected")),
-                              *(by_episode[p[side]]["steps"] for side in ("chosen", "rejected"))) for p in pairs)
+    def kind(pair: dict) -> str:
+        c, r = by_episode[pair["chosen"]], by_episode[pair["rejected"]]
+        return pair_kind(c["success"], r["success"], events(c), events(r), c["steps"], r["steps"])
+
+    kinds = Counter(map(kind, pairs))
     return {
         "policy": str(Path(cfg.policy).resolve()), "starts": len(records), "rollouts": len(rows), "pairs": len(pairs),
         "starts_without_pair": sum(not rec["pairs"] for rec in records), "errors": len(rows) - len(clean),
         "rollout_success_rate": mean(r["success"] for r in clean),
         "mean_scores": {a: mean(r[a] for r in clean) for a in (*AXES, "total")},
-        "events_per_rollout": {kind: mean(sum(r[f"safety/{e}"] for e in COUNT_EVENTS) for r in rs)
-                               for kind, rs in by_kind.items()},
+        "events_per_rollout": {k: mean(map(events, rs)) for k, rs in by_kind.items()},
         "pair_axis": dict(Counter(p["axis"] for p in pairs)),  # the axis that explains most of each pair's gap
         "pair_mix": {kind: kinds[kind] for kind in PAIR_KINDS},  # what the pairs contrast (tasks.judge.pair_kind)
         "pair_reasons": dict(Counter(part.split(":")[0] for p in pairs for part in p["reason"].split("; "))),

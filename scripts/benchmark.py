@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from bench import benchmark
-from store.errors import UsageError
+from harness.cli import report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,12 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(benchmark.ROOT / "bench" / "results.json"))
     parser.add_argument("--pipeline-dir", default="runs/pipeline", help="where the pipeline section runs (cached)")
     args = parser.parse_args(argv)
-    try:
-        benchmark.run_sections(args.only, args.seconds, Path(args.out), args.pipeline_dir)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return report(lambda: benchmark.run_sections(args.only, args.seconds, Path(args.out), args.pipeline_dir))
 
 
 if __name__ == "__main__":

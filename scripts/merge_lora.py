@@ -6,7 +6,7 @@
 import argparse
 import sys
 
-from store.errors import UsageError
+from harness.cli import report
 from vla.checkpoint import merge_lora
 
 
@@ -15,12 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("adapter", help="checkpoint directory of a run with model.lora.r > 0 (its final/)")
     parser.add_argument("output", help="new directory for the merged checkpoint")
     args = parser.parse_args(argv)
-    try:
-        print(f"merged {args.adapter} into {merge_lora(args.adapter, args.output)}")
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return report(lambda: print(f"merged {args.adapter} into {merge_lora(args.adapter, args.output)}"))
 
 
 if __name__ == "__main__":
