@@ -27,33 +27,35 @@ def first_line(e: BaseException) -> str:
 
 
 @contextmanager
-def reading(path: str | os.PathLike, fix: str, errors: tuple[type[BaseException], ...] = DAMAGE) -> Iterator[None]:
-    """Turn ``errors`` raised in the block, which reads ``path``, into a UsageError naming ``path`` and ``fix``; a
-    UsageError raised in it passes unchanged."""
+def reading(path: str | os.PathLike, fix: str, errors: tuple[type[BaseException], ...] = DAMAGE,
+            error: type[UsageError] = UsageError) -> Iterator[None]:
+    """Turn ``errors`` raised in the block, which reads ``path``, into an ``error`` (a UsageError) naming ``path``
+    and ``fix``; a UsageError raised in it passes unchanged."""
     try:
         yield
     except UsageError:
         raise
     except errors as e:
-        raise UsageError(f"{path} is truncated or corrupt ({first_line(e)}); {fix}", path=path) from None
+        raise error(f"{path} is corrupt or truncated ({first_line(e)}); {fix}", path=path) from None
 
 
-def read_json(path: str | os.PathLike, fix: str) -> Any:
+def read_json(path: str | os.PathLike, fix: str, error: type[UsageError] = UsageError) -> Any:
     """The parsed JSON file ``path``; a missing, truncated or corrupt one is refused with ``fix``."""
     path = Path(path)
     if not path.is_file():
-        raise UsageError(f"{path} is missing; {fix}", path=path)
-    with reading(path, fix):
+        raise error(f"{path} is missing; {fix}", path=path)
+    with reading(path, fix, error=error):
         return json.loads(path.read_text())
 
 
-def read_parquet(path: str | os.PathLike, fix: str, columns: list[str] | None = None) -> pa.Table:
+def read_parquet(path: str | os.PathLike, fix: str, columns: list[str] | None = None,
+                 error: type[UsageError] = UsageError) -> pa.Table:
     """The parquet table ``path`` (only ``columns``, when given); a missing, truncated or corrupt one (or one that
     lacks a column) is refused with ``fix``."""
     path = Path(path)
     if not path.is_file():
-        raise UsageError(f"{path} is missing; {fix}", path=path)
-    with reading(path, fix):
+        raise error(f"{path} is missing; {fix}", path=path)
+    with reading(path, fix, error=error):
         return pq.read_table(path, columns=columns)
 
 

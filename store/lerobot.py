@@ -15,16 +15,15 @@ On disk, under `root/`:
 from __future__ import annotations
 
 import io
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
 
+from store import intact
 from store.errors import UsageError
 
 CODEBASE_VERSION = "v3.0"
@@ -82,21 +81,11 @@ def compute_stats(array: np.ndarray) -> dict[str, list]:
 
 
 def read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DatasetError(f"{path} is missing; {FIX}", path=path) from None
-    except (OSError, ValueError) as e:
-        raise DatasetError(f"{path} is corrupt ({e}); {FIX}", path=path) from None
+    return intact.read_json(path, FIX, DatasetError)
 
 
 def read_parquet(path: Path, columns: list[str] | None = None) -> pa.Table:
-    if not path.is_file():
-        raise DatasetError(f"{path} is missing; {FIX}", path=path)
-    try:
-        return pq.read_table(path, columns=columns)
-    except (OSError, pa.ArrowException) as e:
-        raise DatasetError(f"{path} is corrupt or truncated ({str(e).splitlines()[0]}); {FIX}", path=path) from None
+    return intact.read_parquet(path, FIX, columns, DatasetError)
 
 
 def to_numpy(column: pa.ChunkedArray) -> np.ndarray:
