@@ -111,7 +111,7 @@ class Collator:
     """Frames -> a ``build_inputs`` batch plus ``actions`` (B, D) float; the augmentation of a batch is seeded by its
     (epoch, batch) key and the rank.
 
-    Grounded (``queries`` given): each row's answer is the plan (the named object's place, ``Queries.place``) then
+    Grounded (``queries`` given): each row's answer is the plan (the named object's place, ``Queries.plan``) then
     its action tokens; and for each kind of the ``cotrain`` mixture ({"list": 0.125, ...}: fractions of the batch),
     that many of the first rows ask a grounding query about their own frame instead (``Queries.sample``, drawn by
     the QUERY stream of the batch key). Such a batch comes from ``build_queries``; its ``actions`` hold the action rows
@@ -150,7 +150,7 @@ class Collator:
     def _parallel(self, items: list[dict], images: torch.Tensor, rng: np.random.Generator) -> dict[str, torch.Tensor]:
         kinds = self._kinds(len(items)) if self.queries is not None else []
         q, acts, states = len(kinds), items[len(kinds) :], np.stack([it["state"] for it in items])
-        plan = [self.queries.place(it["positions"][it["target"]]) for it in acts] if self.plan else None
+        plan = [self.queries.plan(it["positions"][it["target"]], it["state"]) for it in acts] if self.plan else None
         chunks, valid = (np.stack([it[key] for it in acts]) for key in ("chunk_ids", "chunk_valid"))
         instructions = [it["instruction"] for it in acts]
         batch = parallel_inputs(self.vla, images[q:], instructions, chunks, valid, states[q:], plan)
@@ -170,7 +170,7 @@ class Collator:
                 prompt, answer = self.queries.sample(kinds[k], it["objects"], it["positions"], rng)
             else:
                 prompt = PROMPT_TEMPLATE.format(instruction=it["instruction"])
-                answer = self.queries.place(it["positions"][it["target"]]) + it["action_ids"].tolist()
+                answer = self.queries.plan(it["positions"][it["target"]], it["state"]) + it["action_ids"].tolist()
             prompts.append(prompt), answers.append(answer)
         batch = build_queries(self.vla, images, prompts, answers, np.stack([it["state"] for it in items]))
         batch["actions"] = torch.from_numpy(np.stack([it["action"] for it in items[len(kinds):]]))

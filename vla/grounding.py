@@ -32,6 +32,8 @@ WHERE_PROMPT = "In: Where is the {name}?\nOut:"
 QUERIES = ("list", "where", "plan")
 WITHIN = 0.03  # m: a predicted place this close to the named object counts as "within 3 cm"
 PLAN_TOKENS = 2  # a grounded policy's plan: the (x, y) location tokens of the object its instruction names
+OFFSET_TOKENS = 2  # with train.plan_offset, then the (x, y) offset from the tip to that object
+OFFSET_RANGE = 0.16  # m: offsets are binned over +-this (1.25 mm per bin); farther ones fall into the end bins
 
 
 def plan_tokens(model: torch.nn.Module) -> int:
@@ -43,6 +45,12 @@ def plan_tokens(model: torch.nn.Module) -> int:
 def location_tokenizer(token_offset: int, n_bins: int = 256) -> ActionTokenizer:
     """(x, y, z) in metres <-> location token ids, over the fixed bounds LOCATION_LOW..LOCATION_HIGH."""
     return ActionTokenizer(LOCATION_LOW, LOCATION_HIGH, token_offset, n_bins, absolute_dims=())
+
+
+def offset_tokenizer(location: ActionTokenizer) -> ActionTokenizer:
+    """(x, y) offsets in metres <-> token ids in ``location``'s ids, over +-OFFSET_RANGE."""
+    return ActionTokenizer((-OFFSET_RANGE,) * 2, (OFFSET_RANGE,) * 2, location.token_offset, location.n_bins,
+                           absolute_dims=())
 
 
 class Queries:
@@ -62,6 +70,15 @@ class Queries:
     def place(self, position: np.ndarray) -> list[int]:
         """The (x, y) location tokens of a position (3,) in metres."""
         return self.vla.location_tokenizer.encode(np.asarray(position, np.float64)[None])[0, :2].tolist()
+
+    def plan(self, position: np.ndarray, tip: np.ndarray) -> list[int]:
+        """The plan an action row answers before its actions: the named object's place (3,), and for a model with
+        ``plan_tokens`` 4 (train.plan_offset) then the offset (x, y) from the tip (the state's first 3 values) to it."""
+        place = self.place(position)
+        if plan_tokens(self.vla.model) != PLAN_TOKENS + OFFSET_TOKENS:
+            return place
+        offset = np.asarray(position, np.float64)[:2] - np.asarray(tip, np.float64)[:2]
+        return place + offset_tokenizer(self.vla.location_tokenizer).encode(offset[None])[0].tolist()
 
     def instruction(self, names: Sequence[str], i: int, rng: np.random.Generator) -> str:
         """A random task instruction naming object i (a stack's base: another object of the scene)."""

@@ -22,7 +22,7 @@ from vla.action_tokenizer import ActionTokenizer
 from vla.checkpoint import load_action_tokenizers, pick_action_tokenizer
 from vla.chunking import ENSEMBLE_DECAY, ChunkExecution
 from vla.decoding import Decoding
-from vla.grounding import plan_tokens
+from vla.grounding import PLAN_TOKENS, offset_tokenizer, plan_tokens
 from vla.inputs import build_inputs, build_slots, model_inputs
 from vla.model import VLA, load_model
 from vla.parallel import action_chunk, is_parallel, num_slots, parallel_blocker, slot_logits
@@ -50,7 +50,8 @@ class VLAPolicy:
     of the chosen tokens' log-probabilities under the same distribution (what DPO scores). A grounded model
     (``vla.grounding.plan_tokens``: P > 0) first emits its plan, the named object's place, decoded like the actions:
     then ``token_ids`` is (P + D,), plan first, ``log_probs`` sums all P + D tokens, ``probs`` and ``confidence``
-    read the actions only, and ``plan`` (2,) is the decoded place (x, y) in metres. ``act_batch`` does the
+    read the actions only, ``plan`` (2,) is the decoded place (x, y) in metres and, for a plan with the tip's offset
+    (P = 4, ``train.plan_offset``), ``plan_offset`` (2,) that offset in metres. ``act_batch`` does the
     same for N observations in one padded batch, with a leading N axis everywhere.
 
     Sampling draws from a ``torch.Generator`` seeded with ``seed``; ``reset(seed)`` reseeds it, with the
@@ -157,8 +158,11 @@ class VLAPolicy:
             **extra,
         }
         if P:
-            place = np.concatenate([token_ids[:, :P], token_ids[:, :1]], axis=1)  # (N, 3): z is not decoded
-            info["plan"] = self.vla.location_tokenizer.decode(place)[:, :P].astype(np.float32)
+            location = self.vla.location_tokenizer
+            place = np.concatenate([token_ids[:, :2], token_ids[:, :1]], axis=1)  # (N, 3): z is not decoded
+            info["plan"] = location.decode(place)[:, :2].astype(np.float32)
+            if P > PLAN_TOKENS:
+                info["plan_offset"] = offset_tokenizer(location).decode(token_ids[:, 2:P]).astype(np.float32)
         return self.action_tokenizer.decode(token_ids[:, P:]), info
 
     @torch.inference_mode()

@@ -25,8 +25,8 @@ from store.lerobot import LeRobotDataset
 from vla.action_tokenizer import GRIPPER_DIM, ActionTokenizer
 from vla.checkpoint import save_checkpoint
 from vla.data import Collator, FrameDataset, has_scene_labels, instruction_templates, open_dataset
-from vla.grounding import PLAN_TOKENS, QUERIES, Queries, location_tokenizer, plan_tokens, scored_logits, \
-    sequence_loss
+from vla.grounding import OFFSET_TOKENS, PLAN_TOKENS, QUERIES, Queries, location_tokenizer, plan_tokens, \
+    scored_logits, sequence_loss
 from vla.inputs import PROMPT_TEMPLATE, model_inputs
 from vla.lora import LoraConfig, add_lora, is_adapter
 from vla.loop import Dist, LoopConfig, LoopResult, distributed, run, split_episodes
@@ -76,6 +76,9 @@ class TrainConfig(LoopConfig):
     # place (2 location tokens), then the actions; and ``cotrain`` gives the share of each batch's rows that are
     # grounding queries about their frame ({"list": 0.125, "plan": 0.125}), which keeps a pretrained base's skill.
     grounded: bool = False
+    # with grounded: the plan goes on with the offset from the tip to that place (2 more tokens), the displacement
+    # the actions must realise (ECoT's "where the gripper must go" in the simulator's own numbers)
+    plan_offset: bool = False
     cotrain: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -89,6 +92,8 @@ class TrainConfig(LoopConfig):
             raise UsageError(f"train.action_bins={self.action_bins} must lie in [2, 1000]; 256 is usual")
         if self.vocab_size < 260:
             raise UsageError(f"train.vocab_size={self.vocab_size} must be >= 260 (256 bytes + 4 special tokens)")
+        if self.plan_offset and not self.grounded:
+            raise UsageError("train.plan_offset=true extends the plan of grounded SFT; set train.grounded=true too")
         unknown = sorted(set(self.cotrain) - set(QUERIES))
         if unknown or any(w < 0 for w in self.cotrain.values()) or sum(self.cotrain.values()) >= 1:
             raise UsageError(f"train.cotrain={dict(self.cotrain)} must give shares >= 0 of the kinds {list(QUERIES)} "
@@ -163,7 +168,8 @@ def build_model(cfg: SFTConfig, ds: LeRobotDataset, resume_from: Path | None) ->
         if vla.location_tokenizer is None:
             vla = vla._replace(location_tokenizer=location_tokenizer(offset, tc.action_bins))
     if tc.grounded:
-        vla.model.config.plan_tokens = PLAN_TOKENS  # saved in config.json: the policy decodes the plan first
+        # saved in config.json: the policy decodes the plan first
+        vla.model.config.plan_tokens = PLAN_TOKENS + OFFSET_TOKENS * tc.plan_offset
     elif plan_tokens(vla.model):
         raise UsageError(f"{cfg.model.pretrained or resume_from} emits plan tokens before its actions; "
                          "fine-tune it with train.grounded=true")

@@ -15,8 +15,8 @@ from vla.action_tokenizer import ActionTokenizer
 from vla.checkpoint import load_checkpoint
 from vla.data import Collator, FrameDataset, instruction_templates
 from vla.dpo import action_logps, step_inputs
-from vla.grounding import LOCATION_HIGH, LOCATION_LOW, PLAN_TOKENS, Queries, location_tokenizer, plan_tokens, \
-    sequence_loss
+from vla.grounding import LOCATION_HIGH, LOCATION_LOW, OFFSET_RANGE, OFFSET_TOKENS, PLAN_TOKENS, Queries, \
+    location_tokenizer, offset_tokenizer, plan_tokens, sequence_loss
 from vla.inputs import IGNORE_INDEX
 from vla.model import build_vla
 from vla.policy import VLAPolicy
@@ -27,8 +27,9 @@ LABELS = ["red cube", "blue cube", "red bar"]
 PLACES = np.array([[0.40, -0.15, 0.02], [0.55, 0.0, 0.02], [0.62, 0.18, 0.02]])  # each label's fixed place
 
 
-def write_labelled(root: Path, episodes: int = 12, frames: int = 6) -> Path:
-    """Episodes naming one of three objects (each always at its own place); the action moves towards it."""
+def write_labelled(root: Path, episodes: int = 12, frames: int = 6, tip: np.ndarray | None = None) -> Path:
+    """Episodes naming one of three objects (each always at its own place); the action moves towards it. States
+    are random, or with ``tip`` the tip (the state's first 3 values) always at that place (3,)."""
     writer = DatasetWriter(root, fps=10, state_names=[f"s{i}" for i in range(7)], action_names=ACTION_NAMES,
                            config={"labelled": 1})
     rng = np.random.default_rng(0)
@@ -37,10 +38,13 @@ def write_labelled(root: Path, episodes: int = 12, frames: int = 6) -> Path:
         positions = np.repeat(PLACES[None], frames, axis=0) + rng.normal(0, 0.002, (frames, 3, 3))
         actions = np.zeros((frames, 7))
         actions[:, :2] = 0.1 * (PLACES[target, :2] - [0.5, 0.0])
+        states = rng.normal(size=(frames, 7))
+        if tip is not None:
+            states[:, :3] = tip
         writer.write_episode(e, Episode(
             task="reach", instruction=f"touch the {LABELS[target]}", seed=e, success=True,
             images=rng.integers(0, 255, (frames, 32, 32, 3)).astype(np.uint8), actions=actions.astype(np.float32),
-            states=rng.normal(size=(frames, 7)).astype(np.float32), objects=LABELS,
+            states=states.astype(np.float32), objects=LABELS,
             object_positions=positions.astype(np.float32), target_index=target))
     writer.finalize()
     return root
@@ -117,6 +121,42 @@ def test_grounded_sft_learns_to_name_the_place_and_the_policy_decodes_it(labelle
     with torch.no_grad():
         logps = action_logps(vla.model, batch, ids).double().numpy()
     np.testing.assert_allclose(logps, info["log_probs"], atol=1e-3)
+
+
+def test_a_plan_with_the_tips_offset_is_trained_and_decoded(tmp_path, tiny_model):
+    tip = np.array([0.5, 0.05, 0.1])
+    data = write_labelled(tmp_path / "fixed-tip", tip=tip)
+    ds = LeRobotDataset(data)
+    vla = build_vla(tiny_model(), build_tokenizer(["touch the red cube"], 300))
+    offset = action_token_offset(vla.tokenizer)
+    vla = vla._replace(location_tokenizer=location_tokenizer(offset))
+    vla.model.config.plan_tokens = PLAN_TOKENS + OFFSET_TOKENS
+    frames = FrameDataset(ds, ActionTokenizer.from_stats(ds.stats["action"], offset))
+    items = [frames[(0, 0, i)] for i in range(4)]
+    batch = Collator(vla, 0, 0, False, Queries(vla, instruction_templates(ds)))(items)
+    moves = offset_tokenizer(vla.location_tokenizer)
+    for row, it in enumerate(items):  # the place, then the offset from the frame's own tip, then the actions
+        target = it["positions"][it["target"]]
+        expected = (vla.location_tokenizer.encode(target[None].astype(np.float64))[0, :2].tolist()
+                    + moves.encode((target[:2] - it["state"][:2])[None].astype(np.float64))[0].tolist()
+                    + it["action_ids"].tolist() + [vla.tokenizer.eos_token_id])
+        assert batch["labels"][row][batch["labels"][row] != IGNORE_INDEX].tolist() == expected
+
+    train(_cfg(tiny_model, data, tmp_path / "run", steps=200, label_sigma=0.0, log_every=20, plan_offset=True))
+    vla, tokenizers = load_checkpoint(tmp_path / "run" / "final")
+    assert plan_tokens(vla.model) == PLAN_TOKENS + OFFSET_TOKENS
+    obs = [{k: ds[i][k] for k in ("image", "state", "instruction")} for i in (ds.episode_frames(e)[0] for e in range(3))]
+    policy = VLAPolicy(vla, next(iter(tokenizers.values())))
+    _, info = policy.act_batch(obs)
+    assert info["token_ids"].shape == (3, PLAN_TOKENS + OFFSET_TOKENS + 7)
+    # episodes 0, 1, 2 name objects 0, 1, 2; an offset beyond the range decodes as its end bin
+    truth = np.clip(PLACES[:, :2] - tip[:2], -OFFSET_RANGE, OFFSET_RANGE)
+    np.testing.assert_allclose(info["plan_offset"], truth, atol=0.03)
+    np.testing.assert_allclose(info["plan"], PLACES[:, :2], atol=0.05)
+    _, slow = VLAPolicy(vla, next(iter(tokenizers.values())), fast=False).act_batch(obs)
+    np.testing.assert_array_equal(slow["token_ids"], info["token_ids"])
+    with pytest.raises(UsageError, match="train.grounded=true"):
+        TrainConfig(plan_offset=True)
 
 
 def test_grounded_sft_needs_scene_labels(tmp_path, tiny_model):
