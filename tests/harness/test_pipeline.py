@@ -143,7 +143,7 @@ def test_full_experiment_composes():
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         base = OmegaConf.to_object(compose("pipeline"))
         cfg = OmegaConf.to_object(compose("pipeline", overrides=["experiment=full"]))
-    assert cfg.task == "all" and cfg.distractors == 2 and cfg.sft.train.steps == 4400 > base.sft.train.steps == 1500
+    assert cfg.task == "all" and cfg.distractors == 2 and cfg.sft.train.steps == 4400 > base.sft.train.steps == 3000
     assert cfg.demos.num_episodes == 400 and cfg.output_dir == "runs/full" and cfg.dpo.train.steps == 300
     # the stages' paths and shared keys follow the pipeline's by interpolation
     assert cfg.demos.output_dir == cfg.sft.dataset == "runs/full/demos" and cfg.demos.task == cfg.prefs.task == "all"
