@@ -10,7 +10,7 @@ or none (random weights).
 
 ``Pipeline(cfg).run()``, which ``scripts/pipeline.py`` runs:
 
-    python scripts/pipeline.py                                   # embedded defaults, ~35-40 min on 2 CPU cores
+    python scripts/pipeline.py                                   # embedded defaults, ~40 min on 2 CPU cores
     python scripts/pipeline.py 'stages="eval,dpo"' output_dir=runs/pipeline
     python scripts/pipeline.py experiment=full                  # more demos, steps, episodes (conf/experiment/)
 

@@ -1,7 +1,7 @@
 """The main job in one command: demos -> SFT -> evaluation -> preferences -> DPO -> evaluation, then one table
 (harness/pipeline.py; conf/pipeline.yaml).
 
-    python scripts/pipeline.py                                   # embedded defaults, ~35-40 min on 2 CPU cores
+    python scripts/pipeline.py                                   # embedded defaults, ~40 min on 2 CPU cores
     python scripts/pipeline.py 'stages="eval,dpo"' output_dir=runs/pipeline
     python scripts/pipeline.py experiment=full                  # more demos, steps, episodes (conf/experiment/)
 """

@@ -61,6 +61,7 @@ class Queries:
         if vla.location_tokenizer is None:
             raise ValueError("this model has no location tokenizer; build it with vla.grounding.location_tokenizer")
         self.vla, self.templates, self._text = vla, list(templates), {}
+        self.offsets = offset_tokenizer(vla.location_tokenizer)
 
     def text(self, s: str) -> list[int]:
         if s not in self._text:
@@ -78,7 +79,7 @@ class Queries:
         if plan_tokens(self.vla.model) != PLAN_TOKENS + OFFSET_TOKENS:
             return place
         offset = np.asarray(position, np.float64)[:2] - np.asarray(tip, np.float64)[:2]
-        return place + offset_tokenizer(self.vla.location_tokenizer).encode(offset[None])[0].tolist()
+        return place + self.offsets.encode(offset[None])[0].tolist()
 
     def instruction(self, names: Sequence[str], i: int, rng: np.random.Generator) -> str:
         """A random task instruction naming object i (a stack's base: another object of the scene)."""

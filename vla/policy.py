@@ -101,6 +101,7 @@ class VLAPolicy:
         if self.plan and (vla.location_tokenizer is None or vla.location_tokenizer.token_offset != lo):
             raise ValueError("this model emits plan tokens but has no location tokenizer over its action ids; "
                              "load it with its location_tokenizer.json")
+        self.offsets = offset_tokenizer(vla.location_tokenizer) if self.plan > PLAN_TOKENS else None
         self.fallback_reason = self.decoding.fallback_reason  # None: the lean decoder runs
         self.chunks = None
         if is_parallel(vla.model):
@@ -158,11 +159,10 @@ class VLAPolicy:
             **extra,
         }
         if P:
-            location = self.vla.location_tokenizer
             place = np.concatenate([token_ids[:, :2], token_ids[:, :1]], axis=1)  # (N, 3): z is not decoded
-            info["plan"] = location.decode(place)[:, :2].astype(np.float32)
-            if P > PLAN_TOKENS:
-                info["plan_offset"] = offset_tokenizer(location).decode(token_ids[:, 2:P]).astype(np.float32)
+            info["plan"] = self.vla.location_tokenizer.decode(place)[:, :2].astype(np.float32)
+            if self.offsets is not None:
+                info["plan_offset"] = self.offsets.decode(token_ids[:, 2:P]).astype(np.float32)
         return self.action_tokenizer.decode(token_ids[:, P:]), info
 
     @torch.inference_mode()
