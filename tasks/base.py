@@ -190,8 +190,8 @@ class BaseTask:
     def n_distractors(self, options: dict) -> int:
         return int(options.get("distractors", self.default_distractors))
 
-    def expert(self, env: TabletopEnv, seed: int = 0, noise: float = 0.0) -> "Expert":
-        return Expert(env, self.plan, seed=seed, noise=noise)
+    def expert(self, env: TabletopEnv, seed: int = 0, noise: float = 0.0, dart: float = 0.0) -> "Expert":
+        return Expert(env, self.plan, seed=seed, noise=noise, dart=dart)
 
     def plan(self, env: TabletopEnv, motion: "Motion") -> Iterator[np.ndarray]:
         raise NotImplementedError
@@ -254,17 +254,27 @@ class Motion:
 
 
 class Expert:
-    """Scripted expert policy: `reset()`, `act(obs) -> (action, info)`; reads the simulator (privileged)."""
+    """Scripted expert policy: `reset()`, `act(obs) -> (action, info)`; reads the simulator (privileged).
 
-    def __init__(self, env: TabletopEnv, plan, seed: int = 0, noise: float = 0.0):
-        self.env, self._plan, self.noise, self.seed = env, plan, noise, seed
+    `noise` (m) perturbs the free-space moves the expert plans (and reports). `dart` (m) is DART's noise
+    injection (Laskey et al. 2017): every step's translation is perturbed by N(0, dart) per axis when executed
+    (``info["executed"]``, which `rollout` steps the env with) while the action returned, the label a dataset
+    records, stays the expert's own. The closed-loop expert then corrects from states its clean runs never visit
+    (the tip beside the object at the bottom of a descent), which is what a cloned policy needs to recover."""
+
+    def __init__(self, env: TabletopEnv, plan, seed: int = 0, noise: float = 0.0, dart: float = 0.0):
+        if dart < 0:
+            raise ValueError(f"dart={dart} must be >= 0 (std in metres of the executed translation's perturbation)")
+        self.env, self._plan, self.noise, self.seed, self.dart = env, plan, noise, seed, dart
         self._steps: Iterator[np.ndarray] | None = None
         self._grip = 1.0
+        self._rng = np.random.default_rng(seed)
 
     def reset(self, seed: int | None = None) -> None:
-        rng = np.random.default_rng(self.seed if seed is None else seed)
-        self._steps = iter(self._plan(self.env, Motion(self.env, rng, self.noise)))
+        seed = self.seed if seed is None else seed
+        self._steps = iter(self._plan(self.env, Motion(self.env, np.random.default_rng(seed), self.noise)))
         self._grip = 1.0
+        self._rng = np.random.default_rng([seed, 13])  # DART's stream, apart from the plan's
 
     def act(self, obs: dict) -> tuple[np.ndarray, dict]:
         if self._steps is None:
@@ -273,4 +283,8 @@ class Expert:
         if action is None:  # plan finished: stay still with the gripper as it was
             action = Motion(self.env, None, 0.0).action(np.zeros(3), None, self._grip)
         self._grip = float(action[6])
-        return action, {}
+        if self.dart == 0:
+            return action, {}
+        executed = action.copy()
+        executed[:3] += self._rng.normal(0.0, self.dart, 3).astype(np.float32)
+        return action, {"executed": executed}

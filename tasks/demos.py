@@ -46,6 +46,7 @@ class DemoConfig:
     seed: int = 0  # offset into each task's training seeds
     image_size: int = 96
     noise: float = 0.003  # std (m) of the expert's translation noise in free-space moves
+    dart: float = 0.0  # std (m) of DART noise: each executed translation perturbed, the recorded label the expert's
     distractors: int = 2
     min_distractors: int | None = None  # when set, each episode draws its clutter in [min_distractors, distractors]
     paired: bool = False  # demo each scene twice: for the target, then for its look-alike (teaches instruction use)
@@ -55,6 +56,8 @@ class DemoConfig:
         for name in ("num_episodes", "workers"):
             if getattr(self, name) < 1:
                 raise UsageError(f"{name}={getattr(self, name)} must be at least 1")
+        if self.dart < 0:
+            raise UsageError(f"dart={self.dart} must be >= 0 (std in metres of the executed translation's noise)")
         if self.seed < 0:
             raise UsageError(f"seed={self.seed} must be >= 0 (it offsets into the training seed range)")
         if self.min_distractors is not None and not 0 <= self.min_distractors <= self.distractors:
@@ -81,6 +84,8 @@ class DemoConfig:
         cfg = asdict(self)
         for key in ("workers", "backend", "output_dir"):
             cfg.pop(key)
+        if not cfg["dart"]:  # at its no-op default: datasets written before the option existed still resume
+            cfg.pop("dart")
         cfg["tasks"] = self.tasks()
         return cfg
 
@@ -119,7 +124,7 @@ def _generate(args: tuple[DemoConfig, int, str, int]) -> tuple[int, Episode | No
     options = {"swap_target": bool(slot % 2)} if cfg.paired else {}  # the second of a pair names the look-alike
     for k in range(MAX_ATTEMPTS):
         seed = task.train_seeds[slot_start(cfg.seed, name, slot, cfg.paired) + k]
-        expert = task.expert(env, seed=seed, noise=cfg.noise)
+        expert = task.expert(env, seed=seed, noise=cfg.noise, dart=cfg.dart)
         r = rollout(env, expert, seed, options={"distractors": distractors(cfg, seed), **options})
         if r.error:
             errors.append(f"{name} seed {seed}: {r.error}")

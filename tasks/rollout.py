@@ -62,7 +62,8 @@ def rollout_batch(
     otherwise (scripted experts, one per env) each policy acts on its own env. A shared policy is reset once, with
     seeds[0]. ``monitors[i]``, made fresh for episode i, sees each (action, info) of it before it is executed and
     returns the pair to use; an info with ``abstain`` true ends the episode there, the action not executed
-    (``tasks.calibration.SuccessMonitor``: stop-and-ask)."""
+    (``tasks.calibration.SuccessMonitor``: stop-and-ask). An info with ``executed`` (an expert's DART noise) steps
+    the env with that action while the record keeps the action returned."""
     n = len(envs)
     record_video = record_video or [False] * n
     monitors = monitors or [None] * n
@@ -99,7 +100,7 @@ def rollout_batch(
             log["objects"].append([cores[i].object_pose(o.name)[0] for o in cores[i].scene.objects])
             log["actions"].append(np.asarray(action, dtype=np.float32))
             log["step_info"].append(pinfo)
-            obs[i], _, terminated, truncated, info = envs[i].step(action)
+            obs[i], _, terminated, truncated, info = envs[i].step(pinfo.get("executed", action))
             if record_video[i]:
                 log["frames"].append(envs[i].render())
             other = info.get("other_success")

@@ -20,6 +20,7 @@ from store.lerobot import DatasetError, LeRobotDataset
 from store.validate import validate_dataset
 from tasks import demos, make_env
 from tasks.demos import DemoConfig, generate
+from tasks.rollout import rollout
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = str(ROOT / "scripts" / "generate_demos.py")
@@ -192,3 +193,25 @@ def test_demos_carry_the_objects_and_their_positions_per_frame(tmp_path):
     assert last[target, 2] - first[target, 2] > 0.03  # the picked object rises; the others stay
     others = [k for k in range(3) if k != target]
     np.testing.assert_allclose(last[others], first[others], atol=2e-3)
+
+
+def test_dart_records_the_experts_labels_while_the_env_runs_the_perturbed_actions(tmp_path):
+    env = make_env("pick", image_size=48)
+    clean = rollout(env, env.task.expert(env, seed=5, noise=0.0), 5, {})
+    noisy = rollout(env, env.task.expert(env, seed=5, noise=0.0, dart=0.01), 5, {})
+    assert noisy.success and "executed" not in clean.step_info[0]
+    executed = np.asarray([i["executed"] for i in noisy.step_info])
+    np.testing.assert_array_equal(executed[:, 3:], noisy.actions[:, 3:])  # only the translation is perturbed
+    assert np.abs(executed[:, :3] - noisy.actions[:, :3]).mean() > 0.005
+    # the labels are the expert's own: within its speed limit, which the perturbed actions exceed
+    assert np.linalg.norm(noisy.actions[:, :3], axis=1).max() <= 0.035 + 1e-6
+    assert np.linalg.norm(executed[:, :3], axis=1).max() > 0.036
+    # the env ran the perturbed actions: the tip's moves follow them, not the labels
+    moved = np.diff(noisy.states[:, :3], axis=0)
+    miss = [np.abs(moved - a[:-1, :3]).sum() for a in (executed, noisy.actions)]
+    assert miss[0] < miss[1]
+    assert len(noisy.actions) != len(clean.actions) or not np.allclose(noisy.states, clean.states)
+    # the dataset's config names dart only when it is on, so datasets written before it still resume
+    assert "dart" not in _cfg(tmp_path).dataset_config() and _cfg(tmp_path, dart=0.01).dataset_config()["dart"] == 0.01
+    with pytest.raises(UsageError, match="dart=-0.1 must be >= 0"):
+        _cfg(tmp_path, dart=-0.1)
