@@ -45,6 +45,7 @@ class EvalConfig:
     baseline: str | None = None  # a policy (as above) or an earlier report dir, compared on the same episodes
     temperature: float = 0.0  # VLA decoding: 0 = greedy
     chunk_execution: str = "open_loop"  # a chunked VLA (model.action_chunk > 1): open_loop or ensemble (ACT's)
+    binarize_gripper: bool = True  # a VLA's gripper executed as 0 / 1 (threshold 0.5); false: the bin centres
     unnorm_key: str | None = None  # which action statistics of a multi-dataset checkpoint
     image_size: int = 96
     distractors: int | None = None  # objects besides the target in every episode (null: the suite's own, 2)
@@ -93,7 +94,8 @@ def claim_dir(out_dir: Path, manifest: dict, policy: str, settings: dict | None 
 
 def evaluate(cfg: EvalConfig, command: str = "python scripts/evaluate.py") -> dict:
     manifest = build_manifest(cfg.suite, cfg.episodes_per_task, resolve_tasks(cfg.task), cfg.distractors)
-    spec = PolicySpec(cfg.policy, cfg.temperature, cfg.unnorm_key, chunk_execution=cfg.chunk_execution)
+    spec = PolicySpec(cfg.policy, cfg.temperature, cfg.unnorm_key, chunk_execution=cfg.chunk_execution,
+                      binarize_gripper=cfg.binarize_gripper)
     base_spec = base_name = None  # base_spec stays None when the baseline is an earlier report
     if cfg.baseline is not None:  # check the baseline before any work
         if _is_report(cfg.baseline):
@@ -106,7 +108,7 @@ def evaluate(cfg: EvalConfig, command: str = "python scripts/evaluate.py") -> di
                 )
             base_name = old["policy"]
         else:
-            base_spec = PolicySpec(cfg.baseline, cfg.temperature, cfg.unnorm_key)
+            base_spec = PolicySpec(cfg.baseline, cfg.temperature, cfg.unnorm_key, binarize_gripper=cfg.binarize_gripper)
             base_name = base_spec.name
     calibration = resolve_calibration(spec, cfg.calibration, resolve_tasks(cfg.task))
     if cfg.abstain_below is not None and calibration is None:

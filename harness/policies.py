@@ -13,7 +13,7 @@ from pathlib import Path
 from store.errors import UsageError
 from store.intact import check_files
 from tasks import perturbed
-from tasks.calibration import CALIBRATION_FILE, DECODING, Calibration
+from tasks.calibration import CALIBRATION_FILE, Calibration
 from tasks.perturbed import PerturbedExpert
 from tasks.policy import Policy, RandomPolicy
 from vla.chunking import EXECUTIONS
@@ -51,6 +51,7 @@ class PolicySpec:
     unnorm_key: str | None = None
     top_p: float = 1.0
     chunk_execution: str = "open_loop"  # a chunked VLA's chunks: open_loop or ensemble (vla.chunking)
+    binarize_gripper: bool = True  # a VLA executes its gripper as 0 / 1 (vla.policy.VLAPolicy)
     _vla: object = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -74,21 +75,24 @@ class PolicySpec:
             from vla.policy import VLAPolicy  # here: scripted-policy workers never load torch
 
             self._vla = VLAPolicy.from_pretrained(self.name, unnorm_key=self.unnorm_key, temperature=self.temperature,
-                                                 top_p=self.top_p, chunk_execution=self.chunk_execution)
+                                                 top_p=self.top_p, chunk_execution=self.chunk_execution,
+                                                 binarize_gripper=self.binarize_gripper)
         return self._vla
 
     def identity(self) -> dict:
-        """{name, digest, temperature, top_p, unnorm_key}: the digest of a checkpoint's weights, or of a scripted
+        """{name, digest, temperature, top_p, unnorm_key[, chunk_execution][, binarize_gripper]}: the digest of a checkpoint's weights, or of a scripted
         policy's definition; a calibration applies only to the policy with the same identity."""
+        gripper = {}
         if self.name in BUILTIN:
             text = json.dumps({"policy": self.name, **BUILTIN[self.name][1]}, sort_keys=True)
             digest = hashlib.sha256(text.encode()).hexdigest()
         else:
             digest = weights_digest(Path(self.name))
+            gripper = {"binarize_gripper": self.binarize_gripper}
         # chunk_execution only when not the default, so that calibrations fitted before it existed still match
         executed = {} if self.chunk_execution == "open_loop" else {"chunk_execution": self.chunk_execution}
         return {"name": self.name, "digest": digest, "temperature": self.temperature, "top_p": self.top_p,
-                "unnorm_key": self.unnorm_key, **executed}
+                "unnorm_key": self.unnorm_key, **executed, **gripper}
 
 
 def resolve_calibration(spec: PolicySpec, path: str | None, tasks: list[str]) -> Calibration | None:
@@ -105,7 +109,7 @@ def resolve_calibration(spec: PolicySpec, path: str | None, tasks: list[str]) ->
             raise UsageError(f"calibration={path}: no such file; fit one with python scripts/calibrate.py")
     cal, identity = Calibration.load(file), spec.identity()
     if path is None and cal.policy["digest"] == identity["digest"]:
-        wrong = {k: cal.policy.get(k) for k in DECODING if cal.policy.get(k) != identity.get(k)}
+        wrong = cal.decoding_differences(identity)
         if wrong or set(tasks) - set(cal.tasks):
             print(f"note: not applying {file}: fitted at {cal.policy} on tasks {cal.tasks}, this run differs")
             return None

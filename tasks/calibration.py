@@ -52,7 +52,9 @@ VERSION = 1
 EPISODE_FEATURES = ("mean_log_confidence", "mean_min_log_prob", "std_log_confidence")
 PLAN_FEATURE = "mean_plan_log_prob"
 STEP_FEATURE = "step_fraction"
-DECODING = ("temperature", "top_p", "unnorm_key", "chunk_execution")  # settings that change the token statistics
+# settings that change the token statistics or what is executed
+DECODING = ("temperature", "top_p", "unnorm_key", "chunk_execution", "binarize_gripper")
+FITTED_BEFORE = {"binarize_gripper": False}  # what a calibration fitted before the setting existed ran with
 
 
 class Trace(NamedTuple):
@@ -208,14 +210,20 @@ class Calibration:
             raise UsageError(f"the calibration covers tasks {self.tasks}, not {other}; refit it with those tasks "
                              "(scripts/calibrate.py task=...)")
 
+    def decoding_differences(self, policy: Mapping) -> dict[str, tuple]:
+        """{setting: (policy's value, fitted value)} for the DECODING settings where ``policy`` (a
+        ``PolicySpec.identity``) differs; a setting the policy has and the calibration predates counts as the
+        value it ran with then (FITTED_BEFORE)."""
+        fitted = {k: self.policy.get(k, FITTED_BEFORE.get(k) if k in policy else None) for k in DECODING}
+        return {k: (policy.get(k), fitted[k]) for k in DECODING if policy.get(k) != fitted[k]}
+
     def check(self, policy: Mapping, where: str = CALIBRATION_FILE) -> None:
         """Refuse to apply this calibration to another policy: other weights or other decoding settings."""
         if policy["digest"] != self.policy["digest"]:
             raise UsageError(f"{where} was fitted for weights {self.policy['digest'][:12]} ({self.policy['name']}), "
                              f"not for {policy['name']} ({policy['digest'][:12]}); refit it with scripts/calibrate.py "
                              "or pass calibration=none")
-        wrong = [f"{k}={policy.get(k)} (fitted at {self.policy.get(k)})" for k in DECODING
-                 if policy.get(k) != self.policy.get(k)]
+        wrong = [f"{k}={now} (fitted at {then})" for k, (now, then) in self.decoding_differences(policy).items()]
         if wrong:
             raise UsageError(f"{where} was fitted under other decoding settings: {', '.join(wrong)}; refit it with "
                              "those settings or pass calibration=none")

@@ -64,6 +64,12 @@ class VLAPolicy:
     ``ensemble_decay``); ``info`` then also holds ``chunk_offset``, the steps since the executed action's chunk was
     predicted, and ``log_probs`` counts a plan at offset 0 only. Its rows keep their chunks from call to call:
     ``reset`` drops them, ``keep_rows`` tells which rows of a batch go on when episodes leave it.
+
+    The gripper (the action tokenizer's ``absolute_dims``, a 0 = close / 1 = open command) is executed as exactly 0
+    or 1, thresholded at 0.5 (``binarize_gripper``, as OpenVLA's evaluations binarize it): its bin centres are never
+    0 or 1, and the hand a bin short of open (0.994, fingers 0.5 mm short) is a state no scripted demo shows, which
+    a policy reading its proprio state took for a grasp under way (docs/training.md). Token statistics, ``info``
+    and DPO's log-probabilities do not change; ``binarize_gripper=False`` executes the bin centres.
     """
 
     def __init__(
@@ -78,6 +84,7 @@ class VLAPolicy:
         fast: bool = True,
         chunk_execution: str = "open_loop",
         ensemble_decay: float = ENSEMBLE_DECAY,
+        binarize_gripper: bool = True,
     ) -> None:
         if not (np.isfinite(temperature) and temperature >= 0):
             raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
@@ -94,6 +101,7 @@ class VLAPolicy:
             vla.model.to(device)
         self.vla, self.action_tokenizer, self.seed = vla, action_tokenizer, seed
         self.temperature, self.top_p = float(temperature), float(top_p)
+        self.binary_dims = list(action_tokenizer.absolute_dims) if binarize_gripper else []
         self.device = next(vla.model.parameters()).device
         self.ids = slice(lo, hi)
         self.decoding = Decoding(vla.model, self.ids, fast)
@@ -163,7 +171,9 @@ class VLAPolicy:
             info["plan"] = self.vla.location_tokenizer.decode(place)[:, :2].astype(np.float32)
             if self.offsets is not None:
                 info["plan_offset"] = self.offsets.decode(token_ids[:, 2:P]).astype(np.float32)
-        return self.action_tokenizer.decode(token_ids[:, P:]), info
+        actions = self.action_tokenizer.decode(token_ids[:, P:])
+        actions[:, self.binary_dims] = (actions[:, self.binary_dims] >= 0.5).astype(np.float32)
+        return actions, info
 
     @torch.inference_mode()
     def action_tokens(self, images: np.ndarray, instructions: Sequence[str], states: np.ndarray | None = None,

@@ -105,5 +105,8 @@ def test_chunk_execution_reaches_a_chunked_policy_and_its_identity(tmp_path, tin
     assert spec(None).chunks.mode == "ensemble" and spec.identity()["chunk_execution"] == "ensemble"
     assert PolicySpec(str(tmp_path / "ckpt"))(None).chunks.mode == "open_loop"
     assert "chunk_execution" not in PolicySpec(str(tmp_path / "ckpt")).identity()  # older calibrations still match
+    assert PolicySpec(str(tmp_path / "ckpt")).identity()["binarize_gripper"] is True
+    assert PolicySpec(str(tmp_path / "ckpt"), binarize_gripper=False)(None).binary_dims == []
+    assert "binarize_gripper" not in PolicySpec("expert").identity()  # a scripted policy commands 0 / 1 itself
     with pytest.raises(UsageError, match="chunk_execution='later' is not one of"):
         PolicySpec("expert", chunk_execution="later")

@@ -93,6 +93,13 @@ def test_a_calibration_round_trips_and_refuses_other_weights_or_decoding(tmp_pat
         again.check({**POLICY, "digest": "b" * 64})
     with pytest.raises(UsageError, match="temperature=1.0 \\(fitted at 0.0\\)"):
         again.check({**POLICY, "temperature": 1.0})
+    # a calibration from before binarize_gripper existed ran the bin centres: it fits binarize_gripper=False only
+    with pytest.raises(UsageError, match="binarize_gripper=True \\(fitted at False\\)"):
+        again.check({**POLICY, "binarize_gripper": True})
+    again.check({**POLICY, "binarize_gripper": False})
+    fitted = fit_calibration(_episodes(200), {**POLICY, "binarize_gripper": True})
+    fitted.check({**POLICY, "binarize_gripper": True})
+    assert fitted.decoding_differences({**POLICY, "binarize_gripper": False}) == {"binarize_gripper": (False, True)}
 
 
 def test_the_same_episodes_give_the_same_calibration():

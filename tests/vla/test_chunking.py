@@ -38,7 +38,7 @@ class Counting:
 
 def test_open_loop_executes_each_chunk_then_predicts_again(parallel_vla, action_tok):
     vla = parallel_vla("fast_vlm", chunk=3, plan=True)
-    policy = VLAPolicy(vla, action_tok)
+    policy = VLAPolicy(vla, action_tok, binarize_gripper=False)  # the executed tokens' bin centres, gripper too
     calls = Counting(policy).calls
     obs, P = observations(7), PLAN_TOKENS
     steps = [policy.act(o) for o in obs]
@@ -59,7 +59,7 @@ def test_open_loop_executes_each_chunk_then_predicts_again(parallel_vla, action_
 
 def test_ensemble_blends_the_chunks_of_the_last_steps_with_act_weights(parallel_vla, action_tok):
     vla, K, decay = parallel_vla("llava", chunk=3), 3, 0.7
-    policy = VLAPolicy(vla, action_tok, chunk_execution="ensemble", ensemble_decay=decay)
+    policy = VLAPolicy(vla, action_tok, chunk_execution="ensemble", ensemble_decay=decay, binarize_gripper=False)
     calls = Counting(policy).calls
     obs = observations(5, seed=3)
     steps = [policy.act(o) for o in obs]

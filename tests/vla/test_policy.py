@@ -201,10 +201,17 @@ def test_batch_equals_single_acts(vla, action_tokenizer, observations, fast):
         np.testing.assert_allclose(single["probs"], info["probs"][row], atol=1e-5, rtol=0)
 
 
-def test_action_is_the_decoded_token_ids(vla, action_tokenizer, observations):
+def test_action_is_the_decoded_token_ids_with_the_gripper_executed_as_0_or_1(vla, action_tokenizer, observations):
     action, info = VLAPolicy(vla, action_tokenizer).act(observations[0])
     assert action.shape == (D,) and action.dtype == np.float32
-    np.testing.assert_array_equal(action, action_tokenizer.decode(info["token_ids"]))
+    decoded = action_tokenizer.decode(info["token_ids"])
+    np.testing.assert_array_equal(action[:6], decoded[:6])
+    assert action[6] == float(decoded[6] >= 0.5) and 0 < decoded[6] < 1  # a bin centre is never 0 or 1
+    raw, raw_info = VLAPolicy(vla, action_tokenizer, binarize_gripper=False).act(observations[0])
+    np.testing.assert_array_equal(raw_info["token_ids"], info["token_ids"])  # the tokens and their statistics stay
+    np.testing.assert_array_equal(raw, decoded)
+    batch, _ = VLAPolicy(vla, action_tokenizer).act_batch(observations)
+    assert set(batch[:, 6].tolist()) <= {0.0, 1.0}
     assert 0 < float(info["confidence"]) <= 1
     np.testing.assert_allclose(np.log(info["confidence"]) * D, info["log_probs"], rtol=1e-5)
     np.testing.assert_array_equal(predict_action(vla, observations[0]["image"], INSTRUCTIONS[0], action_tokenizer),
